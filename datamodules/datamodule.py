@@ -1,0 +1,287 @@
+"""The DataModule every task shares: real + synthetic sources -> mixing sampler -> face transforms.
+
+Batch format (dict), the same for every LightningModule:
+    image       float (B, C, H, W), normalised; a list of such tensors for multi-view (SSL) transforms
+    label       int64 (B,)           intended/hard label in the run's label space
+    label_soft  float (B, num_classes) distribution (one-hot for hard labels; rectified soft labels)
+    aus         float (B, K)         AU intensities in [0, 1] ordered as `au_names` (zeros if unknown)
+    has_aus     bool (B,)
+    caption     list[str]            dataset caption, or a label template when the dataset has none
+    domain      int64 (B,)           0 real, 1 synthetic
+    index       int64 (B,)           index into the split's record list (prediction writers use it)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+
+from datamodules.labels import LabelSpace
+from datamodules.mixing import MixingBatchSampler, StatefulDataLoader
+from datamodules.records import SYNTHETIC, BadImageError, BadImageLog, Record, to_pil
+from datamodules.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+def default_au_names() -> list[str]:
+    from datamodules.procedural.aus import AU_NAMES
+
+    return list(AU_NAMES)
+
+
+def label_caption(name: str) -> str:
+    """Caption for datasets without captions (FER2013, RAF-DB...): the expression in a template."""
+    return f"a close-up photo of a face looking {name}"
+
+
+class FERDataset(Dataset):
+    """Records -> samples. Bad images are skipped (substituted by the next good one) or raise."""
+
+    def __init__(self, records: Sequence[Record], transform: Callable, *, mode: str, label_names: Sequence[str],
+                 au_names: Sequence[str], on_bad_image: str = "skip", source: str = "") -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.mode = mode
+        self.label_names = list(label_names)
+        self.num_classes = len(self.label_names)
+        self.au_dim = len(au_names)
+        self.on_bad_image = on_bad_image
+        self.source = source
+        self.bad = BadImageLog()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int) -> tuple[Image.Image, Record, int]:
+        """Decode record `index`; with on_bad_image=skip, fall through to the next decodable record."""
+        for attempt in range(min(len(self.records), 32)):
+            i = (index + attempt) % len(self.records)
+            rec = self.records[i]
+            try:
+                return to_pil(rec, self.mode), rec, i
+            except BadImageError as exc:
+                if self.on_bad_image == "error":
+                    raise BadImageError(f"{self.source}: {exc} (set data.on_bad_image=skip to skip it)") from exc
+                self.bad.add(str(exc))
+        raise BadImageError(f"{self.source}: 32 consecutive undecodable images from index {index}; "
+                            f"the dataset looks broken")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, rec, _ = self.load(index)
+        if rec.label_soft is not None:
+            soft = torch.as_tensor(rec.label_soft, dtype=torch.float32)
+        else:
+            soft = torch.zeros(self.num_classes)
+            soft[rec.label] = 1.0
+        has_aus = rec.aus is not None
+        aus = torch.as_tensor(rec.aus, dtype=torch.float32) if has_aus else torch.zeros(self.au_dim)
+        return {
+            "image": self.transform(image),
+            "label": torch.tensor(rec.label, dtype=torch.long),
+            "label_soft": soft,
+            "aus": aus,
+            "has_aus": torch.tensor(has_aus),
+            "caption": rec.caption or label_caption(self.label_names[rec.label]),
+            "domain": torch.tensor(rec.domain, dtype=torch.long),
+            "index": torch.tensor(index, dtype=torch.long),
+        }
+
+
+def scan_headers(records: Sequence[Record], bad: BadImageLog, policy: str, source: str) -> list[Record]:
+    """Open every file's header (cheap: no decode) and drop files that are not images at all."""
+    kept = []
+    for rec in records:
+        if rec.image is None:
+            kept.append(rec)
+            continue
+        try:
+            if os.path.getsize(rec.image) == 0:
+                raise BadImageError(f"{rec.image}: zero-byte file")
+            with Image.open(rec.image) as img:
+                img.size  # noqa: B018 (header parse only)
+            kept.append(rec)
+        except (OSError, BadImageError, Image.DecompressionBombError) as exc:
+            msg = str(exc) if isinstance(exc, BadImageError) else f"{rec.image}: not a readable image ({exc})"
+            if policy == "error":
+                raise BadImageError(f"{source}: {msg} (set data.on_bad_image=skip to skip it)") from exc
+            bad.add(msg)
+    return kept
+
+
+class FERDataModule(L.LightningDataModule):
+    """Builds train (mixed), val and test loaders from `cfg.data`.
+
+    `train_transform` replaces the default augmentation (SSL passes a MultiView); `normalization`
+    (mean/std) comes from the model so that pretrained backbones see their own statistics.
+    """
+
+    def __init__(self, cfg: DictConfig, *, normalization: Optional[dict] = None,
+                 train_transform: Optional[Callable] = None, run_dir: Optional[str] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.data = cfg.data
+        self.label_space = LabelSpace.from_num_classes(self.data.num_classes)
+        self.au_names = default_au_names()
+        channels = self.data.channels
+        norm = normalization or {}
+        self.mean = list(self.data.mean or norm.get("mean") or [0.5] * channels)
+        self.std = list(self.data.std or norm.get("std") or [0.5] * channels)
+        self.mode = "L" if channels == 1 else "RGB"
+        self._train_transform = train_transform
+        self.run_dir = run_dir
+        self.datasets: dict[str, FERDataset] = {}
+        self.bad = BadImageLog()
+
+    # -- sources -------------------------------------------------------------------------------------
+    def load_records(self, ds_cfg: DictConfig, key: str) -> list[Record]:
+        if ds_cfg.format == "embedded":
+            from datamodules.procedural.dataset import render_split_cached
+
+            split = render_split_cached(
+                split=ds_cfg.split, num_images=ds_cfg.num_images or 1000, size=self.data.image_size,
+                channels=self.data.channels, seed=ds_cfg.seed, num_classes=self.data.num_classes,
+                cache_dir=os.path.join(self.cfg.paths.cache_dir, "embedded"))
+            return split.to_records(domain=0)
+        from datamodules.adapters import load_records
+
+        if not ds_cfg.root:
+            raise ValueError(f"{key}.root is not set; {key}.format={ds_cfg.format} needs a dataset folder")
+        loaded = load_records(ds_cfg.format, ds_cfg.root, ds_cfg.split, self.label_space, key=f"{key}.root")
+        skipped = list(loaded.skipped)  # the adapter already logged a summary of these
+        records = list(loaded)
+        if ds_cfg.format == "synthetic":
+            records = self._align_aus(records, ds_cfg.root)
+        if ds_cfg.num_images and ds_cfg.num_images < len(records):
+            rng = np.random.default_rng(ds_cfg.seed)
+            keep = np.sort(rng.choice(len(records), ds_cfg.num_images, replace=False))
+            records = [records[i] for i in keep]
+        if self.data.verify_images:
+            records = scan_headers(records, self.bad, self.data.on_bad_image, f"{key} ({ds_cfg.root})")
+        self.bad.extend(skipped)
+        if not records:
+            raise ValueError(f"{key}: no usable images under {ds_cfg.root} (format {ds_cfg.format}, "
+                             f"split {ds_cfg.split}); expected at least one labelled image")
+        return records
+
+    def _align_aus(self, records: list[Record], root: str) -> list[Record]:
+        """Reorder a synthetic set's AU vectors into this DataModule's AU order (AU01 == AU1)."""
+        from datamodules.synthetic import read_header
+
+        def norm(name: str) -> str:
+            return name.upper().replace("AU0", "AU") if name.upper().startswith("AU0") else name.upper()
+
+        header = read_header(root)
+        theirs = [norm(n) for n in header.get("au_names", [])]
+        ours = [norm(n) for n in self.au_names]
+        if theirs == ours:
+            return records
+        where = {n: i for i, n in enumerate(theirs)}
+        for rec in records:
+            if rec.aus is None:
+                continue
+            if all(n in where for n in ours):
+                rec.aus = [rec.aus[where[n]] for n in ours]
+            else:
+                rec.aus = None  # AUs cannot be aligned: the AU branch is off for these samples
+        return records
+
+    def build_dataset(self, name: str, transform: Callable) -> Optional[FERDataset]:
+        ds_cfg = self.data.get(name)
+        if ds_cfg is None:
+            return None
+        records = self.load_records(ds_cfg, f"data.{name}")
+        if name == "synthetic":
+            for r in records:
+                r.domain = SYNTHETIC
+        return FERDataset(records, transform, mode=self.mode, label_names=self.label_space.names,
+                          au_names=self.au_names, on_bad_image=self.data.on_bad_image, source=f"data.{name}")
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        size = self.data.image_size
+        train_tf = self._train_transform or train_transform(self.data.augment, size, self.data.channels,
+                                                            self.mean, self.std)
+        eval_tf = eval_transform(size, self.mean, self.std)
+        wanted = {"fit": ("train", "synthetic", "val"), "validate": ("val",), "test": ("test",),
+                  "predict": ("test",)}.get(stage or "fit", ("train", "synthetic", "val", "test"))
+        for name in wanted:
+            if name in self.datasets:
+                continue
+            if name == "train" and self.data.mix.synthetic_ratio >= 1.0 and self.data.train is None:
+                continue
+            ds = self.build_dataset(name, train_tf if name in ("train", "synthetic") else eval_tf)
+            if ds is not None:
+                self.datasets[name] = ds
+        self._write_bad_image_log()
+
+    def _write_bad_image_log(self) -> None:
+        if self.run_dir and len(self.bad):
+            from datamodules.atomic import atomic_write_lines
+
+            atomic_write_lines(Path(self.run_dir) / "bad_images.txt", self.bad.skipped)
+            log.warning("%d bad images skipped; list in %s/bad_images.txt", len(self.bad), self.run_dir)
+
+    # -- loaders -------------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return max(1, trainer.world_size), trainer.global_rank
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        workers = self.data.num_workers
+        return dict(num_workers=workers, persistent_workers=self.data.persistent_workers and workers > 0,
+                    pin_memory=self.data.pin_memory and torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        real = self.datasets.get("train")
+        synth = self.datasets.get("synthetic")
+        parts = [d for d in (real, synth) if d is not None]
+        world, rank = self._world()
+        sampler = MixingBatchSampler(
+            len(real) if real is not None else 0, len(synth) if synth is not None else 0,
+            global_batch_size=self.data.batch_size, synthetic_ratio=self.data.mix.synthetic_ratio,
+            synthetic_scale=self.data.mix.synthetic_scale, world_size=world, rank=rank, seed=self.cfg.seed)
+        # ConcatDataset order matches the sampler's index space: real first, then synthetic.
+        dataset = ConcatDataset(parts) if len(parts) > 1 else parts[0]
+        if real is None and synth is not None:
+            dataset = ConcatDataset([_Empty(), synth])
+        return StatefulDataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        if name not in self.datasets:
+            raise ValueError(f"data.{name} is not configured; set data.{name}.root and data.{name}.format")
+        ds = self.datasets[name]
+        world, rank = self._world()
+        sampler = DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
+        return DataLoader(ds, batch_size=self.data.eval_batch_size, sampler=sampler, shuffle=False,
+                          **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.bad) + sum(len(d.bad) for d in self.datasets.values())
+
+
+class _Empty(Dataset):
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, index: int) -> Any:
+        raise IndexError(index)

@@ -1,0 +1,90 @@
+"""Loading our checkpoints safely (weights_only=True) and wrapping classifiers for reuse.
+
+Every FER checkpoint that `evaluate` accepts (supervised, labeler, SSL probes) can also serve as a
+guidance classifier, an ensemble member in labelling, or a judge of generated faces, through
+`ImageClassifier`, which takes raw images in [0, 1] at any size and channel count.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_synfer.modules import MODULES, module_class
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"ckpt={path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"ckpt={path}: cannot load as a safe (weights_only) checkpoint: {exc}") from exc
+    if not isinstance(ckpt, dict) or "synfer" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"ckpt={path}: not a lightning-synfer checkpoint (no 'synfer' metadata)")
+    return ckpt
+
+
+def load_module(path: str | os.PathLike, *, tasks: Optional[Sequence[str]] = None,
+                num_classes: Optional[int] = None) -> Any:
+    """Rebuild the LightningModule a checkpoint came from, in eval mode on CPU."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt["synfer"]
+    task = meta.get("task")
+    if tasks is not None and task not in tasks:
+        raise CheckpointError(f"ckpt={path}: a '{task}' checkpoint; this command needs one of {list(tasks)}")
+    if task not in MODULES:
+        raise CheckpointError(f"ckpt={path}: unknown task '{task}'; known: {sorted(MODULES)}")
+    if num_classes is not None and len(meta.get("label_names", [])) != num_classes:
+        raise CheckpointError(f"ckpt={path}: model has {len(meta['label_names'])} classes "
+                              f"({meta['label_names']}); expected {num_classes}")
+    hparams = dict(ckpt["hyper_parameters"])
+    # The weights come from the checkpoint: never re-read (possibly absent) pretrained files.
+    config = dict(hparams.get("config", {}))
+    if isinstance(config.get("model"), dict):
+        config["model"] = {**config["model"], "pretrained_path": None}
+        hparams["config"] = config
+    if meta.get("normalization"):
+        hparams["normalization"] = meta["normalization"]
+    module = module_class(task)(**hparams)
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"ckpt={path}: weights do not match the '{task}' module "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return module.eval()
+
+
+class ImageClassifier(nn.Module):
+    """Any FER checkpoint as `images in [0, 1] (N, C, H, W) -> logits`, differentiable in the input."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        norm = getattr(module, "normalization", {}) or {}
+        self.size = int(norm.get("image_size", 48))
+        self.channels = int(norm.get("channels", 1))
+        mean = torch.tensor(norm.get("mean", [0.5] * self.channels)).view(1, -1, 1, 1)
+        std = torch.tensor(norm.get("std", [0.5] * self.channels)).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.label_names = list(module.label_names)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> "ImageClassifier":
+        return cls(load_module(path))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images
+        if x.shape[1] != self.channels:
+            x = x.mean(1, keepdim=True) if self.channels == 1 else x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return self.module((x - self.mean.to(x)) / self.std.to(x))

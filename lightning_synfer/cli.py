@@ -1,0 +1,81 @@
+"""The command line: `python run.py TASK [experiment=GROUP/NAME] [key=value ...]`.
+
+The task table below is the one place that lists what the suite can do. With no arguments,
+`python run.py` runs the main job on the embedded data.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Callable, Optional
+
+# task -> ("module:function", default experiment, help)
+TASKS: dict[str, tuple[str, Optional[str], str]] = {
+    "fit": ("lightning_synfer.tasks.fit:run", "supervised/embedded",
+            "train the module family of the experiment (supervised, generator, labeler, ssl)"),
+    "evaluate": ("lightning_synfer.tasks.evaluate:run", "supervised/embedded",
+                 "evaluate a classifier checkpoint on data.test (writes metrics.json)"),
+    "demo": ("lightning_synfer.tasks.demo:run", "supervised/embedded",
+             "the main job on the embedded data (what `python run.py` runs)"),
+}
+DEFAULT_TASK = "demo"
+
+# Tasks that do not compose a config (they take paths): name -> "module:function".
+PLAIN_TASKS: dict[str, tuple[str, str]] = {}
+
+
+def usage() -> str:
+    from lightning_synfer.config.compose import list_experiments
+
+    lines = ["usage: python run.py [TASK] [experiment=GROUP/NAME] [key=value ...]", "", "tasks:"]
+    for name, (_, default, text) in TASKS.items():
+        lines.append(f"  {name:<18} {text}" + (f" (default experiment: {default})" if default else ""))
+    for name, (_, text) in PLAIN_TASKS.items():
+        lines.append(f"  {name:<18} {text}")
+    lines += ["", "experiments (experiments/<group>/<name>.yaml):"]
+    lines += [f"  {name}" for name in list_experiments()]
+    lines += ["", "config groups: trainer=cpu|gpu|ddp|multinode data=... model=... (see experiments/<group>/)",
+              "examples:",
+              "  python run.py fit experiment=supervised/fer2013_resnet18 trainer=gpu",
+              "  python run.py evaluate ckpt=runs/.../checkpoints/best.ckpt data.test.root=DIR data.test.format=folder"]
+    return "\n".join(lines)
+
+
+def _load(target: str) -> Callable:
+    mod, fn = target.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("SYNFER_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    task = DEFAULT_TASK
+    if argv and "=" not in argv[0]:
+        task = argv.pop(0)
+    from lightning_synfer.config.compose import ConfigError, compose
+
+    try:
+        if task in PLAIN_TASKS:
+            return int(_load(PLAIN_TASKS[task][0])(argv) or 0)
+        if task not in TASKS:
+            import difflib
+
+            close = difflib.get_close_matches(task, list(TASKS) + list(PLAIN_TASKS), n=1)
+            raise ConfigError(f"unknown task '{task}'" + (f"; did you mean '{close[0]}'?" if close else "")
+                              + f" Tasks: {', '.join(list(TASKS) + list(PLAIN_TASKS))}")
+        target, default_experiment, _ = TASKS[task]
+        cfg = compose(default_experiment, argv)
+        _load(target)(cfg, [task, *argv])
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        # Bad input: one clear line, no traceback (SYNFER_DEBUG=1 shows it).
+        if os.environ.get("SYNFER_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,252 @@
+"""Compose a run's config: schema <- defaults groups <- experiment file <- command-line overrides.
+
+    experiments/<group>/<name>.yaml      config groups (trainer, data, model, logger, paths)
+    experiments/<family>/<name>.yaml     experiments; `defaults:` lists group choices and may name
+                                         another experiment to inherit from ("supervised/base").
+
+Errors name the file or key and suggest the closest valid names. YAML is parsed with safe loaders
+only; no config string is ever evaluated as code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from lightning_synfer.config.schema import Config
+
+DEFAULT_GROUPS = ("paths", "trainer", "logger", "data", "model")
+# Group choices every experiment starts from unless its `defaults:` says otherwise.
+BASE_DEFAULTS = {"paths": "default", "trainer": "default", "logger": "tensorboard", "data": "embedded",
+                 "model": "resnet18"}
+
+
+class ConfigError(ValueError):
+    """A config problem, with the file or key at fault and what was expected."""
+
+
+def experiments_dir() -> Path:
+    env = os.environ.get("SYNFER_EXPERIMENTS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "experiments"
+
+
+def list_experiments() -> list[str]:
+    root = experiments_dir()
+    names = []
+    for path in sorted(root.rglob("*.yaml")):
+        rel = path.relative_to(root).with_suffix("").as_posix()
+        if rel.split("/")[0] not in DEFAULT_GROUPS:
+            names.append(rel)
+    return names
+
+
+def list_group(group: str) -> list[str]:
+    return sorted(p.stem for p in (experiments_dir() / group).glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and OSError
+        raise ConfigError(f"{path}: cannot parse YAML ({exc})") from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    return cfg
+
+
+def _experiment_path(name: str) -> Path:
+    path = experiments_dir() / f"{name}.yaml"
+    if not path.is_file():
+        known = list_experiments()
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise ConfigError(f"experiment={name}: no file {path}.{hint} Known experiments: {', '.join(known)}")
+    return path
+
+
+def _group_path(group: str, name: str, source: str) -> Path:
+    path = experiments_dir() / group / f"{name}.yaml"
+    if not path.is_file():
+        known = list_group(group)
+        raise ConfigError(f"{source}: {group}={name} has no file {path}. Known {group} configs: {', '.join(known)}")
+    return path
+
+
+def _split_defaults(cfg: DictConfig, source: str) -> tuple[dict[str, str], list[str], DictConfig]:
+    """Return (group choices, parent experiments, body without `defaults`)."""
+    groups: dict[str, str] = {}
+    parents: list[str] = []
+    defaults = cfg.get("defaults", None)
+    if defaults is not None:
+        if not isinstance(defaults, ListConfig):
+            raise ConfigError(f"{source}: `defaults` must be a list like [trainer: cpu, data: embedded]")
+        for item in defaults:
+            if isinstance(item, str):
+                parents.append(item)
+            elif isinstance(item, DictConfig) and len(item) == 1:
+                (group, name), = item.items()
+                if group not in DEFAULT_GROUPS:
+                    raise ConfigError(f"{source}: unknown defaults group '{group}'; expected one of {DEFAULT_GROUPS}")
+                groups[str(group)] = str(name)
+            else:
+                raise ConfigError(f"{source}: bad defaults entry {item!r}; expected 'group: name' or 'family/experiment'")
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "defaults"]) if "defaults" in cfg else cfg
+    return groups, parents, body
+
+
+def _collect(name: str, seen: tuple[str, ...] = ()) -> tuple[dict[str, str], list[tuple[str, DictConfig]]]:
+    """Resolve an experiment and its parents into group choices and ordered bodies."""
+    if name in seen:
+        raise ConfigError(f"experiment={name}: inheritance cycle {' -> '.join(seen + (name,))}")
+    path = _experiment_path(name)
+    groups, parents, body = _split_defaults(_load_yaml(path), str(path))
+    all_groups: dict[str, str] = {}
+    bodies: list[tuple[str, DictConfig]] = []
+    for parent in parents:
+        pg, pb = _collect(parent, seen + (name,))
+        all_groups.update(pg)
+        bodies.extend(pb)
+    all_groups.update(groups)
+    bodies.append((str(path), body))
+    return all_groups, bodies
+
+
+def _schema_node(key_path: list[str]) -> Any:
+    """The dataclass type at a dotted path of the schema (for suggestions), or None."""
+    node: Any = Config
+    for part in key_path:
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        if typing.get_origin(node) is typing.Union and len(args) == 1:  # Optional[X] -> X
+            node = args[0]
+    return node
+
+
+def _valid_keys(parent_path: list[str]) -> list[str]:
+    node = _schema_node(parent_path)
+    if node is not None and dataclasses.is_dataclass(node):
+        return [f.name for f in dataclasses.fields(node)]
+    return []
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    full_key = str(getattr(exc, "full_key", "") or getattr(exc, "key", "") or "")
+    parts = [p for p in full_key.split(".") if p]
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and parts:
+        valid = _valid_keys(parts[:-1])
+        close = difflib.get_close_matches(parts[-1], valid, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join('.'.join(parts[:-1] + [c]) for c in close)}?" if close else ""
+        listing = f" Valid keys here: {', '.join(valid)}." if valid else ""
+        return ConfigError(f"{source}: unknown config key '{full_key}'.{hint}{listing}")
+    if isinstance(exc, ValidationError):
+        node = _schema_node(parts[:-1])
+        expected = ""
+        if node is not None and dataclasses.is_dataclass(node):
+            types = typing.get_type_hints(node)
+            expected = f" Expected type: {types.get(parts[-1], '?')}."
+        value = getattr(exc, "value", None)
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"{source}: bad value {value!r} for '{full_key}' ({msg}).{expected}")
+    return ConfigError(f"{source}: {exc}")
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from None
+
+
+def parse_overrides(overrides: Iterable[str]) -> tuple[dict[str, str], list[str], Optional[str]]:
+    """Split CLI args into group choices (trainer=ddp), dotlist overrides and experiment=..."""
+    groups: dict[str, str] = {}
+    dotlist: list[str] = []
+    experiment = None
+    for arg in overrides:
+        if "=" not in arg:
+            raise ConfigError(f"override '{arg}': expected key=value (for example data.batch_size=32)")
+        key, value = arg.split("=", 1)
+        if key == "experiment":
+            experiment = value
+        elif key in DEFAULT_GROUPS and "." not in key and value and not value.startswith(("{", "[")):
+            groups[key] = value
+        else:
+            dotlist.append(arg)
+    return groups, dotlist, experiment
+
+
+def compose(experiment: Optional[str] = None, overrides: Iterable[str] = (), *, validate_values: bool = True) -> DictConfig:
+    """Build the validated config of one run."""
+    cli_groups, dotlist, cli_experiment = parse_overrides(list(overrides))
+    experiment = cli_experiment or experiment or "supervised/embedded"
+    exp_groups, bodies = _collect(experiment)
+    groups = {**BASE_DEFAULTS, **exp_groups, **cli_groups}
+
+    cfg = OmegaConf.structured(Config)
+    for group in DEFAULT_GROUPS:  # fixed order: paths before the groups that interpolate them
+        path = _group_path(group, groups[group], f"experiment={experiment}")
+        cfg = _merge(cfg, OmegaConf.create({group: _load_yaml(path)}), str(path))
+    for source, body in bodies:
+        cfg = _merge(cfg, body, source)
+    if dotlist:
+        try:
+            cli = OmegaConf.from_dotlist(dotlist)
+        except Exception as exc:
+            raise ConfigError(f"command line: cannot parse overrides {dotlist} ({exc})") from exc
+        cfg = _merge(cfg, cli, "command line")
+    cfg.experiment = experiment
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, f"experiment={experiment}") from None
+    if validate_values:
+        validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and choice checks that types alone cannot express."""
+    d = cfg.data
+    _check(0.0 <= d.mix.synthetic_ratio <= 1.0, "data.mix.synthetic_ratio", d.mix.synthetic_ratio, "a value in [0, 1]")
+    _check(d.mix.synthetic_scale > 0, "data.mix.synthetic_scale", d.mix.synthetic_scale, "a value > 0")
+    _check(d.num_classes in (7, 8), "data.num_classes", d.num_classes, "7 or 8 (canonical label space)")
+    _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grayscale) or 3 (RGB)")
+    _check(d.on_bad_image in ("skip", "error"), "data.on_bad_image", d.on_bad_image, "skip or error")
+    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive global batch size")
+    _check(d.image_size >= 8, "data.image_size", d.image_size, "at least 8 pixels")
+    _check(d.augment.preset in ("fer", "light", "none"), "data.augment.preset", d.augment.preset, "fer, light or none")
+    if d.mix.synthetic_ratio > 0:
+        _check(d.synthetic is not None, "data.synthetic", None,
+               "a synthetic dataset (data.synthetic.root=DIR) when data.mix.synthetic_ratio > 0")
+    _check(cfg.optim.name in ("adamw", "sgd", "lars"), "optim.name", cfg.optim.name, "adamw, sgd or lars")
+    _check(cfg.optim.scheduler in ("warmup_cosine", "constant"), "optim.scheduler", cfg.optim.scheduler,
+           "warmup_cosine or constant")
+    _check(0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing", cfg.loss.label_smoothing, "a value in [0, 1)")
+    for hook in VALIDATORS:
+        hook(cfg)
+
+
+# Task families append range checks for their own sections here.
+VALIDATORS: list = []
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -1,0 +1,183 @@
+"""Structured config schemas. Every key a YAML file or the command line may set is declared here.
+
+OmegaConf validates merges against these dataclasses, so a misspelt key or a wrong type fails at
+composition time (see `compose.py` for the error messages). Task families (generator, labeler, SSL,
+pipeline, sweeps) keep their own section dataclasses next to their code and are collected here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class PathsConfig:
+    """Dataset and model roots. Environment variables override them in YAML: ${oc.env:VAR,default}."""
+
+    runs_dir: str = "runs"
+    cache_dir: str = ".cache"
+    fer2013: str = "../shared/data/fer2013"
+    rafdb: str = "/data/RAF-DB/basic"
+    affectnet: str = "/data/AffectNet"
+    sfew: str = "/data/SFEW2"
+    stable_diffusion: str = "/models/stable-diffusion-v1-5"
+    synthetic: str = "/data/synfer"
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of the one Trainer factory (`lightning_synfer.trainer.build_trainer`)."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_epochs: int = 10
+    max_steps: int = -1
+    max_time: Optional[str] = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    check_val_every_n_epoch: int = 1
+    val_check_interval: Any = None
+    log_every_n_steps: int = 10
+    fast_dev_run: Any = False
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    limit_predict_batches: Any = None
+    num_sanity_val_steps: int = 0
+    deterministic: Any = False
+    sync_batchnorm: bool = False
+    benchmark: Optional[bool] = None
+    enable_progress_bar: bool = True
+    checkpoint_every_n_steps: Optional[int] = None  # also save last.ckpt every N steps (preemption)
+    detect_anomaly: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    csv: bool = False
+    log_confusion_matrix: bool = True
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset source. `format` picks the adapter; `embedded` renders procedural faces."""
+
+    format: str = "embedded"  # embedded | folder | rafdb | affectnet | sfew | synthetic
+    root: Optional[str] = None
+    split: str = "train"
+    num_images: int = 0  # embedded: how many faces to render; others: 0 = all, N = first N after shuffle
+    seed: int = 0  # embedded: rendering seed; others: subset selection seed
+    version: Optional[int] = None  # synthetic: manifest version (None = newest)
+
+
+@dataclass
+class MixConfig:
+    """How real and synthetic samples share each global batch (see datamodules/mixing.py)."""
+
+    synthetic_ratio: float = 0.0  # share of synthetic samples in every batch, in [0, 1]
+    synthetic_scale: float = 1.0  # synthetic-only epochs draw scale x |real train| samples
+
+
+@dataclass
+class AugmentConfig:
+    preset: str = "fer"  # fer | light | none (generator training uses light: flips only)
+    crop_scale: List[float] = field(default_factory=lambda: [0.8, 1.0])
+    hflip: float = 0.5
+    rotation: float = 10.0
+    color_jitter: float = 0.3
+    random_erasing: float = 0.25
+
+
+@dataclass
+class DataConfig:
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: Optional[DatasetConfig] = None
+    test: Optional[DatasetConfig] = None
+    synthetic: Optional[DatasetConfig] = None
+    mix: MixConfig = field(default_factory=MixConfig)
+    num_classes: int = 7
+    image_size: int = 48
+    channels: int = 1
+    batch_size: int = 64  # GLOBAL batch: split over devices x nodes, same samples at any world size
+    eval_batch_size: int = 256  # per device
+    num_workers: int = 2
+    persistent_workers: bool = True
+    pin_memory: bool = True
+    on_bad_image: str = "skip"  # skip | error
+    verify_images: bool = True  # check headers of every file at setup; decode errors at run time
+    mean: Optional[List[float]] = None  # None: from the backbone's pretrained_cfg, else 0.5
+    std: Optional[List[float]] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    pretrained_path: Optional[str] = None  # local timm weights (.pth/.safetensors); never downloads
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    au_head: bool = False  # optional AU-regression head (AU error of generated faces)
+    au_loss_weight: float = 1.0
+    channels_last: bool = False
+    compile: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | lars
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "warmup_cosine"  # warmup_cosine | constant
+    warmup_fraction: float = 0.05  # of trainer.estimated_stepping_batches
+    min_lr_ratio: float = 0.01
+    scale_lr_with_batch: bool = False  # lr * global_batch / 256 (SSL convention)
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    class_weights: Optional[List[float]] = None
+
+
+@dataclass
+class EvalConfig:
+    """`evaluate` and the offline probes read the test set from data.test."""
+
+    tta_hflip: bool = False
+
+
+@dataclass
+class Config:
+    task: str = "supervised"  # which LightningModule family: supervised | generator | labeler | ssl
+    experiment: str = "default"
+    seed: int = 0
+    resume: Optional[str] = None  # None | auto | PATH to a .ckpt
+    ckpt: Optional[str] = None  # input checkpoint (evaluate, linear, knn, finetune)
+    run_dir: Optional[str] = None  # explicit run directory (default: runs/<experiment>/<time>-<hash>)
+    overwrite: bool = False
+    notes: str = ""
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Task families add their own section here (generator, labeler, ssl, synth, sweep, pipeline),
+    # each a dataclass in lightning_synfer/config/<family>.py.
+
+
+# Keys that do not change what a run computes: excluded from the run hash, so resume=auto finds
+# the same run whatever these are set to.
+VOLATILE_KEYS = ("resume", "run_dir", "overwrite", "notes", "trainer.enable_progress_bar")

@@ -1,0 +1,3 @@
+from lightning_synfer.losses.soft_ce import SoftTargetCrossEntropy
+
+__all__ = ["SoftTargetCrossEntropy"]

@@ -1,0 +1,47 @@
+"""timm backbones by name, with weights only from a local file (never from a hub)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import timm
+import torch.nn as nn
+
+
+def create_backbone(
+    name: str,
+    *,
+    in_chans: int = 3,
+    pretrained_path: Optional[str] = None,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    **extra: Any,
+) -> nn.Module:
+    """A timm model without classifier (`num_classes=0`): forward gives pooled features.
+
+    With `pretrained_path`, timm loads that local file through `pretrained_cfg_overlay`, which also
+    adapts the stem to `in_chans` (summing RGB filters for grayscale) and drops the classifier.
+    """
+    if name not in timm.list_models() and not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ValueError(f"model.backbone={name!r} is not a timm model. Similar names: {close}")
+    kwargs: dict[str, Any] = dict(num_classes=0, in_chans=in_chans, drop_rate=drop_rate, **extra)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained_path:
+        if not os.path.isfile(pretrained_path):
+            raise FileNotFoundError(f"model.pretrained_path={pretrained_path}: no such file (timm weights, "
+                                    f".pth/.bin/.safetensors, are read from disk only; nothing is downloaded)")
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_path}, **kwargs)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def normalization_for(model: nn.Module, channels: int, pretrained: bool) -> tuple[list[float], list[float]]:
+    """Mean/std from the model's pretrained_cfg when weights were loaded; 0.5/0.5 when training from scratch."""
+    if not pretrained:
+        return [0.5] * channels, [0.5] * channels
+    cfg = timm.data.resolve_data_config(model=model)
+    mean, std = list(cfg["mean"]), list(cfg["std"])
+    if channels == 1 and len(mean) == 3:  # grayscale: the luminance-equivalent statistics
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return mean, std

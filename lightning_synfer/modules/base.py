@@ -1,0 +1,108 @@
+"""What every FER classifier LightningModule shares: metrics, logging, checkpoint metadata, prediction.
+
+Subclasses (supervised, labeler, SSL probes) implement `forward(images) -> logits` and `training_step`.
+Validation, test, confusion matrices and `predict_step` (class probabilities, used by guidance,
+labelling and evaluate) live here once.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_synfer.metrics.fer import FERMetrics, confusion_figure
+
+CHECKPOINT_FORMAT = 1
+
+
+def default_normalization(cfg: DictConfig, backbone: nn.Module) -> dict:
+    """What the classifier expects as input: from data.mean/std, else the backbone's pretrained_cfg."""
+    from lightning_synfer.models.backbones import normalization_for
+
+    channels = cfg.data.channels
+    mean, std = normalization_for(backbone, channels, pretrained=bool(cfg.model.get("pretrained_path")))
+    return {"mean": list(cfg.data.mean or mean), "std": list(cfg.data.std or std),
+            "image_size": int(cfg.data.image_size), "channels": int(channels)}
+
+
+class FERClassifierModule(L.LightningModule):
+    task_name = "classifier"
+
+    def __init__(self, config: dict, label_names: Sequence[str], normalization: Optional[dict] = None) -> None:
+        super().__init__()
+        self.cfg: DictConfig = OmegaConf.create(config)
+        self.label_names = list(label_names)
+        self.num_classes = len(self.label_names)
+        # mean/std/size/channels the classifier expects: lets guidance and labelling feed raw [0,1] images.
+        self.normalization = dict(normalization or {})
+        self.val_metrics = FERMetrics(self.num_classes)
+        self.val_domain_metrics = nn.ModuleDict({"real": FERMetrics(self.num_classes),
+                                                 "synthetic": FERMetrics(self.num_classes)})
+        self.test_metrics = FERMetrics(self.num_classes)
+        self.last_test_summary: Optional[dict[str, torch.Tensor]] = None
+
+    # -- shared evaluation -------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, Any], metrics: FERMetrics, by_domain: bool) -> torch.Tensor:
+        logits = self(batch["image"])
+        target = batch["label"]
+        metrics.update(logits.detach(), target)
+        if by_domain and "domain" in batch:
+            for dom_id, name in ((0, "real"), (1, "synthetic")):
+                mask = batch["domain"] == dom_id
+                if mask.any():
+                    self.val_domain_metrics[name].update(logits.detach()[mask], target[mask])
+        return logits
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, by_domain=True)
+
+    def on_validation_epoch_end(self) -> None:
+        summary = self.val_metrics.compute()
+        self._log_summary("val", summary)
+        for name, metric in self.val_domain_metrics.items():
+            if metric.confusion.confmat.sum() > 0:
+                self.log(f"val_{name}/acc", metric.compute()["acc"].float(), sync_dist=False)
+            metric.reset()
+        self.val_metrics.reset()
+        if self.cfg.logger.log_confusion_matrix and not self.trainer.sanity_checking:
+            self._log_confusion(summary["confusion"], "val/confusion")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, by_domain=False)
+
+    def on_test_epoch_end(self) -> None:
+        summary = self.test_metrics.compute()
+        self.last_test_summary = {k: v.detach().cpu() for k, v in summary.items()}
+        self._log_summary("test", summary)
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        probs = torch.softmax(self(batch["image"]).float(), dim=-1)
+        return {"probs": probs.cpu(), "index": batch["index"].cpu()}
+
+    def _log_summary(self, prefix: str, summary: dict[str, torch.Tensor]) -> None:
+        # Metric states are already synced across ranks by torchmetrics; log plain floats.
+        self.log(f"{prefix}/acc", summary["acc"].float(), prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/macro_f1", summary["macro_f1"].float(), sync_dist=False)
+        for name, r in zip(self.label_names, summary["recall"].tolist()):
+            if r == r:  # skip NaN: class absent from this split
+                self.log(f"{prefix}_recall/{name}", float(r), sync_dist=False)
+
+    def _log_confusion(self, cm: torch.Tensor, tag: str) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
+                import matplotlib.pyplot as plt
+
+                fig = confusion_figure(cm.cpu().numpy(), self.label_names, title=f"epoch {self.current_epoch}")
+                logger.experiment.add_figure(tag, fig, global_step=self.global_step)
+                plt.close(fig)
+
+    # -- checkpoint metadata -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["synfer"] = {"task": self.task_name, "format": CHECKPOINT_FORMAT,
+                                "label_names": self.label_names, "normalization": self.normalization}

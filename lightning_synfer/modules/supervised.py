@@ -1,0 +1,90 @@
+"""Supervised FER: a timm backbone + linear head, trained on real, synthetic or mixed batches."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_synfer import optim
+from lightning_synfer.losses import SoftTargetCrossEntropy
+from lightning_synfer.models.backbones import create_backbone
+from lightning_synfer.modules.base import FERClassifierModule, default_normalization
+
+
+class SupervisedFER(FERClassifierModule):
+    task_name = "supervised"
+
+    def __init__(self, config: dict, label_names: Sequence[str], normalization: Optional[dict] = None,
+                 au_names: Optional[Sequence[str]] = None) -> None:
+        super().__init__(config, label_names, normalization)
+        self.save_hyperparameters()
+        m = self.cfg.model
+        self.backbone = create_backbone(
+            m.backbone, in_chans=self.cfg.data.channels, pretrained_path=m.pretrained_path,
+            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **dict(m.extra))
+        self.head = nn.Linear(self.backbone.num_features, self.num_classes)
+        if not self.normalization:
+            self.normalization = default_normalization(self.cfg, self.backbone)
+        self.au_names = list(au_names or [])
+        # Optional AU regression head: measures the AU error of generated faces (evaluate-generation).
+        self.au_head = nn.Linear(self.backbone.num_features, len(self.au_names)) if m.au_head and self.au_names else None
+        loss = self.cfg.loss
+        self.criterion = SoftTargetCrossEntropy(loss.label_smoothing, loss.class_weights)
+        self.mixup = None
+        if loss.mixup_alpha > 0 or loss.cutmix_alpha > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=loss.mixup_alpha, cutmix_alpha=loss.cutmix_alpha,
+                               prob=loss.mixup_prob, mode="batch", num_classes=self.num_classes)
+        self.train_acc = nn.ModuleDict({d: MulticlassAccuracy(self.num_classes, average="micro")
+                                        for d in ("all", "real", "synthetic")})
+        if m.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, target = batch["image"], batch["label_soft"]
+        if self.mixup is not None:
+            # timm's batch-mode mixing coefficient, applied to our soft targets (rectified labels stay soft).
+            lam = self.mixup._mix_batch(images)
+            target = lam * target + (1.0 - lam) * target.flip(0)
+        feats = self.backbone(images)
+        logits = self.head(feats)
+        loss = self.criterion(logits, target)
+        if self.au_head is not None and "has_aus" in batch and batch["has_aus"].any():
+            mask = batch["has_aus"]
+            au_loss = F.mse_loss(torch.sigmoid(self.au_head(feats[mask])), batch["aus"][mask].to(feats))
+            loss = loss + self.cfg.model.au_loss_weight * au_loss
+            self.log("train/au_mse", au_loss, sync_dist=True)
+        preds = logits.detach().argmax(-1)
+        self.train_acc["all"](preds, batch["label"])
+        for dom_id, name in ((0, "real"), (1, "synthetic")):
+            mask = batch["domain"] == dom_id
+            if mask.any():
+                self.train_acc[name].update(preds[mask], batch["label"][mask])
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/acc", self.train_acc["all"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        for name in ("real", "synthetic"):
+            metric = self.train_acc[name]
+            if metric.update_count:
+                self.log(f"train_{name}/acc", metric.compute())
+            metric.reset()
+
+    def predict_aus(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.au_head is None:
+            return None
+        return torch.sigmoid(self.au_head(self.backbone(images)))
+
+    def configure_optimizers(self) -> Any:
+        return optim.configure(self, self.trainer, self.cfg.optim, self.cfg.data.batch_size)

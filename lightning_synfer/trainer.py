@@ -1,0 +1,135 @@
+"""The one Trainer factory. Every task (fit, evaluate, synthesize, label, probes) builds its Trainer here,
+so every point of an ablation grid runs under the same loggers, callbacks and strategy presets.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig
+
+from lightning_synfer.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop at the first NaN/inf training loss with a clear message. last.ckpt keeps the last good step,
+    because checkpoints are only written after a step whose loss was finite."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and torch.is_tensor(loss) and not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at global step {trainer.global_step}, epoch "
+                f"{trainer.current_epoch}, batch {batch_idx}. The last good checkpoint is kept in "
+                f"{trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else 'the run dir'}. "
+                f"Lower optim.lr, enable trainer.gradient_clip_val, or check the data.")
+
+
+def _optional(value: Any) -> Any:
+    return None if value in (None, "null") else value
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run: Optional[RunDir],
+    *,
+    monitor: Optional[str] = "val/acc",
+    mode: str = "max",
+    callbacks: Sequence[Callback] = (),
+    use_distributed_sampler: bool = False,
+    enable_checkpointing: bool = True,
+    **overrides: Any,
+) -> L.Trainer:
+    """Build a Trainer from `cfg.trainer`.
+
+    use_distributed_sampler is False for training because the DataModule's MixingBatchSampler
+    shards each global batch itself; prediction tasks (synthesis, labelling) turn it on.
+    """
+    t = cfg.trainer
+    cbs: list[Callback] = [StopOnNonFiniteLoss()]
+    loggers: list[Any] = []
+    if run is not None:
+        if cfg.logger.tensorboard:
+            loggers.append(TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False))
+        if cfg.logger.csv:
+            loggers.append(CSVLogger(save_dir=str(run.path), name="csv", version=""))
+        if enable_checkpointing and not t.fast_dev_run:
+            cbs.append(ModelCheckpoint(
+                dirpath=str(run.checkpoints), filename="best", monitor=monitor, mode=mode,
+                save_top_k=1 if monitor else 0, save_last=True, auto_insert_metric_name=False,
+                every_n_train_steps=_optional(t.checkpoint_every_n_steps),
+            ))
+            if t.checkpoint_every_n_steps:
+                # A second callback so that the step-wise last.ckpt does not also need a monitor value.
+                cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), filename="step", save_top_k=0,
+                                           save_last=True, every_n_train_steps=t.checkpoint_every_n_steps))
+    if loggers:
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+    if t.enable_progress_bar:
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, int(t.log_every_n_steps))))
+    cbs.extend(callbacks)
+
+    kwargs: dict[str, Any] = dict(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        max_time=_optional(t.max_time),
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=_optional(t.gradient_clip_val),
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        val_check_interval=_optional(t.val_check_interval),
+        log_every_n_steps=t.log_every_n_steps,
+        fast_dev_run=t.fast_dev_run,
+        limit_train_batches=_optional(t.limit_train_batches),
+        limit_val_batches=_optional(t.limit_val_batches),
+        limit_test_batches=_optional(t.limit_test_batches),
+        limit_predict_batches=_optional(t.limit_predict_batches),
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        deterministic=t.deterministic,
+        sync_batchnorm=t.sync_batchnorm,
+        benchmark=_optional(t.benchmark),
+        enable_progress_bar=t.enable_progress_bar,
+        enable_checkpointing=enable_checkpointing and run is not None,
+        detect_anomaly=t.detect_anomaly,
+        logger=loggers or False,
+        callbacks=cbs,
+        use_distributed_sampler=use_distributed_sampler,
+        default_root_dir=str(run.path) if run is not None else None,
+        enable_model_summary=False,
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def world_size_of(trainer: L.Trainer) -> int:
+    return max(1, int(trainer.world_size))
+
+
+def per_device_batch(global_batch: int, world_size: int, key: str = "data.batch_size") -> int:
+    if global_batch % world_size:
+        raise ValueError(f"{key}={global_batch} is the global batch and must be divisible by the world size "
+                         f"({world_size} = devices x nodes)")
+    return global_batch // world_size
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup, then cosine decay to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,99 @@
+"""fit on embedded data (fast_dev_run and a real short run), evaluate on a fixture folder, resume."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures import make_folder_dataset
+from lightning_synfer.checkpoints import CheckpointError, load_module
+from lightning_synfer.cli import main
+from lightning_synfer.config import compose
+from lightning_synfer.tasks import evaluate, fit
+
+
+def _only_run_dir(root: Path) -> Path:
+    runs = [p.parent for p in root.rglob("config.yaml")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_fast_dev_run_fit(tiny, tmp_path):
+    cfg = compose("supervised/embedded", tiny("trainer.fast_dev_run=true"))
+    metrics = fit.run(cfg)
+    assert metrics["global_step"] == 1
+
+
+def test_fit_writes_run_dir_and_metrics(tiny, tmp_path):
+    cfg = compose("supervised/embedded", tiny("model.backbone=resnet18", "trainer.max_epochs=2"))
+    fit.run(cfg)
+    run = _only_run_dir(tmp_path / "runs")
+    assert run.parent.name == "embedded" and run.parent.parent.name == "supervised"
+    for name in ("config.yaml", "provenance.json", "metrics.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert (run / name).exists(), name
+    assert list((run / "tb").glob("events.out.tfevents*"))
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["packages"]["torch"] and "commit" in prov["git"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    assert len(metrics["test"]["per_class_recall"]) == 8
+    assert metrics["test"]["num_images"] == 32
+
+
+def test_evaluate_on_fixture_folder_excludes_missing_classes(tiny, tmp_path):
+    cfg = compose("supervised/embedded", tiny("data.num_classes=7", "data.channels=1"))
+    fit.run(cfg)
+    ckpt = _only_run_dir(tmp_path / "runs") / "checkpoints" / "best.ckpt"
+    folder = make_folder_dataset(tmp_path / "faces", classes=("happy", "sad", "contempt"), per_class=3, size=40)
+    argv = tiny(f"ckpt={ckpt}", f"data.test.root={folder}", "data.test.format=folder", "data.test.split=test",
+                "experiment=supervised/embedded")
+    with pytest.warns(UserWarning, match="contempt"):
+        assert main(["evaluate", *argv]) == 0
+    runs = sorted((tmp_path / "runs").rglob("metrics.json"))
+    metrics = json.loads(max(runs, key=lambda p: p.stat().st_mtime).read_text())
+    assert metrics["task"] == "evaluate"
+    assert metrics["num_images"] == 6
+    assert metrics["excluded_classes"] == {"contempt": 3}
+    assert sum(map(sum, metrics["confusion_matrix"])) == 6
+
+
+def test_evaluate_rejects_bad_checkpoints(tmp_path, tiny):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_module(tmp_path / "missing.ckpt")
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "synfer": {"task": "generator", "label_names": []}, "hyper_parameters": {}}, other)
+    with pytest.raises(CheckpointError, match="generator"):
+        load_module(other, tasks=("supervised",))
+    cfg = compose("supervised/embedded", tiny("trainer.max_epochs=1"))
+    fit.run(cfg)
+    ckpt = _only_run_dir(tmp_path / "runs") / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointError, match="8 classes"):
+        load_module(ckpt, num_classes=7)
+    assert main(["evaluate", f"ckpt={tmp_path / 'nope.ckpt'}"]) == 2
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def test_resume_equals_uninterrupted_run(tiny, tmp_path):
+    """Stop after 1 epoch, resume=auto to 2 epochs: same weights as 2 epochs straight."""
+    det = ["trainer.deterministic=true", "data.augment.preset=none", "model.drop_rate=0.0"]
+    full = compose("supervised/embedded", tiny(*det, "trainer.max_epochs=2", f"run_dir={tmp_path/'full'}"))
+    fit.run(full)
+    first = compose("supervised/embedded", tiny(*det, "trainer.max_epochs=1", f"run_dir={tmp_path/'part'}"))
+    fit.run(first)
+    resumed = compose("supervised/embedded", tiny(*det, "trainer.max_epochs=2", f"run_dir={tmp_path/'part'}",
+                                                  "resume=auto"))
+    metrics = fit.run(resumed)
+    assert metrics["global_step"] == 16
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_finished_run_dir_is_not_overwritten(tiny, tmp_path):
+    cfg = compose("supervised/embedded", tiny("trainer.fast_dev_run=true", f"run_dir={tmp_path/'r'}"))
+    fit.run(cfg)
+    assert main(["fit", *tiny("trainer.fast_dev_run=true", f"run_dir={tmp_path/'r'}")]) == 2
+    assert main(["fit", *tiny("trainer.fast_dev_run=true", f"run_dir={tmp_path/'r'}", "overwrite=true")]) == 0
