@@ -149,9 +149,9 @@ class MixingBatchSampler(Sampler[list[int]]):
             steps.append(partial)
         if not steps:
             raise ValueError(
-                f"An epoch would have no batches: global_batch_size={self.global_batch_size} needs "
-                f"{self.real_per_batch} real and {self.synthetic_per_batch} synthetic samples per step, but the epoch "
-                f"only has {self._epoch_budget_description()} with drop_last=True; "
+                f"An epoch would have no batches: global_batch_size={self.global_batch_size} (data.batch_size) "
+                f"needs {self.real_per_batch} real and {self.synthetic_per_batch} synthetic samples per step, "
+                f"but the epoch only has {self._epoch_budget_description()} with drop_last=True; "
                 "use a smaller global batch, more data or drop_last=False"
             )
         return steps
@@ -281,8 +281,8 @@ class MixingBatchSampler(Sampler[list[int]]):
         if changed:
             details = ", ".join(f"{key}: checkpoint={old!r} now={new!r}" for key, (old, new) in changed.items())
             raise ValueError(
-                f"Cannot resume the mixing sampler: the checkpoint was written with a different data setup ({details}). "
-                "Resume with the original data/mix settings or start a fresh run."
+                "Cannot resume the mixing sampler: the checkpoint was written with a different data setup "
+                f"({details}). Resume with the original data/mix settings or start a fresh run."
             )
         batches_done = int(state["batches_done"])
         if not 0 <= batches_done <= len(self):
@@ -308,12 +308,12 @@ def _validate_config(num_real: int, num_synthetic: int, global_batch_size: int, 
         raise ValueError(f"data.mix.synthetic_ratio={synthetic_ratio} asks for real samples, but the real dataset is "
                          "empty (num_real=0); provide real data or set the ratio to 1 (synthetic-only)")
     if global_batch_size < 1:
-        raise ValueError(f"global_batch_size={global_batch_size} must be >= 1")
+        raise ValueError(f"global_batch_size={global_batch_size} (data.batch_size) must be >= 1")
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
     if global_batch_size % world_size:
-        raise ValueError(f"global_batch_size={global_batch_size} must be divisible by world_size={world_size} "
-                         "so every rank gets an equal share of each global batch")
+        raise ValueError(f"global_batch_size={global_batch_size} (data.batch_size) must be divisible by "
+                         f"world_size={world_size} so every rank gets an equal share of each global batch")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
 
@@ -322,10 +322,12 @@ def _validate_rounding(synthetic_ratio: float, global_batch_size: int, synthetic
     # A ratio that rounds to a pure batch would silently train on one domain only.
     if 0 < synthetic_ratio and synthetic_per_batch == 0:
         raise ValueError(f"data.mix.synthetic_ratio={synthetic_ratio} with global_batch_size={global_batch_size} "
-                         "rounds to 0 synthetic samples per batch; use a larger batch or a ratio of 0")
+                         "(data.batch_size) rounds to 0 synthetic samples per batch; "
+                         "use a larger batch or a ratio of 0")
     if synthetic_ratio < 1 and synthetic_per_batch == global_batch_size:
         raise ValueError(f"data.mix.synthetic_ratio={synthetic_ratio} with global_batch_size={global_batch_size} "
-                         "rounds to 0 real samples per batch; use a larger batch or a ratio of 1 (synthetic-only)")
+                         "(data.batch_size) rounds to 0 real samples per batch; "
+                         "use a larger batch or a ratio of 1 (synthetic-only)")
 
 
 class StatefulDataLoader(DataLoader):

@@ -242,6 +242,12 @@ def test_ratio_that_rounds_to_a_single_domain_is_rejected():
         make_sampler(synthetic_ratio=0.99, global_batch_size=16)
 
 
+def test_epoch_without_a_single_full_batch_is_rejected():
+    with pytest.raises(ValueError, match="no batches"):
+        make_sampler(num_real=5, global_batch_size=16)
+    assert len(make_sampler(num_real=5, global_batch_size=16, drop_last=False)) == 1
+
+
 def test_domain_of():
     assert domain_of(0, 5) == REAL_DOMAIN and domain_of(4, 5) == REAL_DOMAIN
     assert domain_of(5, 5) == SYNTHETIC_DOMAIN
