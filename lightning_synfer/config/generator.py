@@ -1,0 +1,95 @@
+"""`generator` config section: the SynFER diffusion model (UNet + text encoder + FAU adapter) and its training.
+
+Profiles:
+    sd    Stable Diffusion 1.5/2.1 from a local diffusers folder (pretrained_path): latent space, frozen
+          VAE + CLIP text encoder in `frozen_dtype`, full UNet fine-tune or LoRA (lora_rank > 0).
+    tiny  a pixel-space UNet built from the dims below (no download), data.image_size px, data.channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class GeneratorConfig:
+    profile: str = "tiny"  # tiny | sd
+    pretrained_path: Optional[str] = None  # sd: diffusers folder (falls back to model.pretrained_path)
+    frozen_dtype: str = "bf16"  # bf16 | fp16 | fp32: dtype of the frozen VAE and text encoder
+    lora_rank: int = 0  # > 0: LoRA on to_q/to_k/to_v/to_out.0 instead of a full UNet fine-tune
+    lora_alpha: Optional[float] = None  # None: = lora_rank
+    train_unet: bool = True  # false: only the AU adapter (and text projection) train on a frozen base
+    gradient_checkpointing: bool = False
+
+    # text conditioning
+    text_encoder: str = "minilm"  # minilm | clip | tiny (clip reads <pretrained_path>/text_encoder, tokenizer)
+    text_max_length: int = 32  # tokens per caption (clip in sd: 77)
+    text_cache_size: int = 4096  # LRU cache of frozen caption embeddings (0 = off)
+    caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+
+    # FAU adapter (decoupled cross-attention, IP-Adapter style)
+    au_adapter: bool = True
+    num_au_tokens: int = 4
+    au_hidden: int = 256
+    au_scale: float = 1.0
+    au_dropout: float = 0.1  # share of AU vectors replaced by zeros (guidance; = the no-AU condition)
+
+    # diffusion
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    beta_schedule: str = "squaredcos_cap_v2"  # squaredcos_cap_v2 | linear | scaled_linear
+    num_train_timesteps: int = 1000
+    snr_gamma: Optional[float] = None  # min-SNR weighting (5.0 is the paper's value); None = plain MSE
+
+    # EMA of the trainable weights (diffusers EMAModel)
+    ema: bool = True
+    ema_decay: float = 0.999
+    ema_update_after_step: int = 0
+
+    # tiny profile UNet dims (pixel space)
+    block_out_channels: List[int] = field(default_factory=lambda: [16, 32, 64])
+    layers_per_block: int = 1
+    attention_levels: List[bool] = field(default_factory=lambda: [False, False, True])  # cross-attn per level
+    cross_attention_dim: int = 64
+    attention_heads: int = 4
+    norm_num_groups: int = 8
+
+    # validation samples logged to TensorBoard
+    sample_every_n_steps: int = 500  # 0 = never
+    sample_steps: int = 25  # DDIM steps of the logged grid
+    sample_guidance: float = 3.0  # text CFG scale of the logged grid
+    sample_seed: int = 0
+    sample_captions: List[str] = field(default_factory=list)  # empty: one label caption per class
+
+    export_on_fit_end: bool = True  # save_pretrained to <run_dir>/export
+
+
+def validate_generator(cfg) -> None:
+    from lightning_synfer.config.compose import _check
+
+    g = cfg.get("generator")
+    if g is None:
+        return
+    _check(g.profile in ("tiny", "sd"), "generator.profile", g.profile, "tiny or sd")
+    _check(g.frozen_dtype in ("bf16", "fp16", "fp32"), "generator.frozen_dtype", g.frozen_dtype, "bf16, fp16 or fp32")
+    _check(g.lora_rank >= 0, "generator.lora_rank", g.lora_rank, "0 (full fine-tune) or a positive rank")
+    _check(g.text_encoder in ("minilm", "clip", "tiny"), "generator.text_encoder", g.text_encoder, "minilm, clip or tiny")
+    _check(g.text_max_length > 0, "generator.text_max_length", g.text_max_length, "a positive token count")
+    _check(0.0 <= g.caption_dropout < 1.0, "generator.caption_dropout", g.caption_dropout, "a value in [0, 1)")
+    _check(0.0 <= g.au_dropout < 1.0, "generator.au_dropout", g.au_dropout, "a value in [0, 1)")
+    _check(g.num_au_tokens > 0, "generator.num_au_tokens", g.num_au_tokens, "a positive token count")
+    _check(g.prediction_type in ("epsilon", "v_prediction"), "generator.prediction_type", g.prediction_type,
+           "epsilon or v_prediction")
+    _check(g.beta_schedule in ("squaredcos_cap_v2", "linear", "scaled_linear"), "generator.beta_schedule",
+           g.beta_schedule, "squaredcos_cap_v2, linear or scaled_linear")
+    _check(g.snr_gamma is None or g.snr_gamma > 0, "generator.snr_gamma", g.snr_gamma, "null or a value > 0")
+    _check(0.0 < g.ema_decay < 1.0, "generator.ema_decay", g.ema_decay, "a value in (0, 1)")
+    _check(len(g.attention_levels) == len(g.block_out_channels), "generator.attention_levels", list(g.attention_levels),
+           f"one flag per entry of generator.block_out_channels ({len(g.block_out_channels)})")
+    _check(all(c % g.norm_num_groups == 0 for c in g.block_out_channels), "generator.block_out_channels",
+           list(g.block_out_channels), f"multiples of generator.norm_num_groups={g.norm_num_groups}")
+    if g.profile == "tiny":
+        down = 2 ** (len(g.block_out_channels) - 1)
+        _check(cfg.data.image_size % down == 0, "data.image_size", cfg.data.image_size,
+               f"a multiple of {down} (the tiny UNet downsamples {len(g.block_out_channels) - 1} times)")
+        _check(g.text_encoder != "clip", "generator.text_encoder", g.text_encoder,
+               "minilm or tiny for the tiny profile (clip comes from an SD folder: profile=sd)")
