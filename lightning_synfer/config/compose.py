@@ -247,6 +247,10 @@ def validate(cfg: DictConfig) -> None:
 # Task families append range checks for their own sections here.
 VALIDATORS: list = []
 
+from lightning_synfer.config.synthesis import validate_synthesis  # noqa: E402
+
+VALIDATORS.append(validate_synthesis)
+
 
 def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

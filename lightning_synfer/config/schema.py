@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from lightning_synfer.config.synthesis import (GenConfig, JudgeConfig, LayoutConfig, RealConfig, SamplingConfig,
+                                               SemanticGuidanceConfig, SynthConfig)
+
 
 @dataclass
 class PathsConfig:
@@ -174,6 +177,14 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # synthesis (lightning_synfer/config/synthesis.py)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sg: SemanticGuidanceConfig = field(default_factory=SemanticGuidanceConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    real: RealConfig = field(default_factory=RealConfig)
     # Task families add their own section here (generator, labeler, ssl, synth, sweep, pipeline),
     # each a dataclass in lightning_synfer/config/<family>.py.
 
