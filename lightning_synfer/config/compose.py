@@ -251,6 +251,10 @@ from lightning_synfer.config.synthesis import validate_synthesis  # noqa: E402
 
 VALIDATORS.append(validate_synthesis)
 
+from lightning_synfer.config.ssl import validate_ssl  # noqa: E402
+
+VALIDATORS.append(validate_ssl)
+
 
 def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from lightning_synfer.config.ssl import SSLConfig
 from lightning_synfer.config.synthesis import (GenConfig, JudgeConfig, LayoutConfig, RealConfig, SamplingConfig,
                                                SemanticGuidanceConfig, SynthConfig)
 
@@ -185,6 +186,8 @@ class Config:
     gen: GenConfig = field(default_factory=GenConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     real: RealConfig = field(default_factory=RealConfig)
+    # self-supervised pre-training and probes (lightning_synfer/config/ssl.py)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     # Task families add their own section here (generator, labeler, ssl, synth, sweep, pipeline),
     # each a dataclass in lightning_synfer/config/<family>.py.
 
