@@ -87,6 +87,11 @@ def validate_generator(cfg) -> None:
            f"one flag per entry of generator.block_out_channels ({len(g.block_out_channels)})")
     _check(all(c % g.norm_num_groups == 0 for c in g.block_out_channels), "generator.block_out_channels",
            list(g.block_out_channels), f"multiples of generator.norm_num_groups={g.norm_num_groups}")
+    if cfg.get("task") == "generator":
+        for key in ("mean", "std"):
+            value = cfg.data.get(key)
+            _check(value is None or all(v == 0.5 for v in value), f"data.{key}", value,
+                   "null or 0.5 per channel (the generator models images in [-1, 1])")
     if g.profile == "tiny":
         down = 2 ** (len(g.block_out_channels) - 1)
         _check(cfg.data.image_size % down == 0, "data.image_size", cfg.data.image_size,
