@@ -255,6 +255,10 @@ from lightning_synfer.config.ssl import validate_ssl  # noqa: E402
 
 VALIDATORS.append(validate_ssl)
 
+from lightning_synfer.config.generator import validate_generator  # noqa: E402
+
+VALIDATORS.append(validate_generator)
+
 
 def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

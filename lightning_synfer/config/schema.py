@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from lightning_synfer.config.generator import GeneratorConfig
 from lightning_synfer.config.ssl import SSLConfig
 from lightning_synfer.config.synthesis import (GenConfig, JudgeConfig, LayoutConfig, RealConfig, SamplingConfig,
                                                SemanticGuidanceConfig, SynthConfig)
@@ -188,6 +189,8 @@ class Config:
     real: RealConfig = field(default_factory=RealConfig)
     # self-supervised pre-training and probes (lightning_synfer/config/ssl.py)
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    # the diffusion generator (lightning_synfer/config/generator.py)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     # Task families add their own section here (generator, labeler, ssl, synth, sweep, pipeline),
     # each a dataclass in lightning_synfer/config/<family>.py.
 

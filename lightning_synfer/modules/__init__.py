@@ -10,6 +10,7 @@ import importlib
 # task name -> "module:Class"; imported lazily so the CLI starts fast and optional deps stay optional.
 MODULES: dict[str, str] = {
     "supervised": "lightning_synfer.modules.supervised:SupervisedFER",
+    "generator": "lightning_synfer.modules.generator:GeneratorModule",
 }
 
 
