@@ -19,6 +19,12 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
                  "evaluate a classifier checkpoint on data.test (writes metrics.json)"),
     "demo": ("lightning_synfer.tasks.demo:run", "supervised/embedded",
              "the main job on the embedded data (what `python run.py` runs)"),
+    "linear": ("lightning_synfer.tasks.linear:run", "ssl/embedded_linear",
+               "linear probe of an SSL checkpoint (ckpt=...) on the experiment's labelled data"),
+    "finetune": ("lightning_synfer.tasks.finetune:run", "ssl/embedded_finetune",
+                 "fine-tune an SSL checkpoint (ckpt=...) on the experiment's labelled data"),
+    "knn": ("lightning_synfer.tasks.knn:run", "ssl/embedded_linear",
+            "weighted kNN of an SSL checkpoint's features (ckpt=...): bank data.train, queries data.test"),
 }
 DEFAULT_TASK = "demo"
 

@@ -11,6 +11,9 @@ import importlib
 MODULES: dict[str, str] = {
     "supervised": "lightning_synfer.modules.supervised:SupervisedFER",
     "generator": "lightning_synfer.modules.generator:GeneratorModule",
+    "ssl": "lightning_synfer.modules.ssl:SSLModule",  # ssl.method picks MoCo v3 / SimCLR / BYOL / DINO
+    "ssl_linear": "lightning_synfer.modules.probe:LinearProbe",
+    "ssl_finetune": "lightning_synfer.modules.probe:FinetuneProbe",
 }
 
 

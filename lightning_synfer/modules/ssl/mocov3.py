@@ -1,0 +1,29 @@
+"""MoCo v3 (Chen, Xie & He, ICCV 2021): 3-layer BN projector, 2-layer predictor, momentum key encoder,
+symmetric ctr(q1, k2) + ctr(q2, k1) with keys gathered from every rank (losses/ssl.py: MoCoV3Loss)."""
+from __future__ import annotations
+
+import torch
+from lightly.models.modules.heads import BYOLPredictionHead, MoCoProjectionHead
+
+from lightning_synfer.losses.ssl import MoCoV3Loss
+from lightning_synfer.modules.ssl.momentum import MomentumSSL
+
+
+class MoCoV3(MomentumSSL):
+    def __init__(self, config, label_names, normalization=None) -> None:
+        super().__init__(config, label_names, normalization)
+        s = self.cfg.ssl
+        self.projector = MoCoProjectionHead(self.feat_dim, s.proj_hidden_dim, s.proj_output_dim,
+                                            num_layers=3, batch_norm=True)
+        self.predictor = BYOLPredictionHead(s.proj_output_dim, s.pred_hidden_dim, s.proj_output_dim)
+        self.make_teacher("backbone", "projector")
+        self.criterion = MoCoV3Loss(s.temperature, gather_distributed=True)
+
+    def ssl_step(self, views):
+        x1, x2 = views[:2]
+        f1, f2 = self.backbone(x1), self.backbone(x2)
+        q1, q2 = self.predictor(self.projector(f1)), self.predictor(self.projector(f2))
+        with torch.no_grad():
+            t = self.teacher
+            k1, k2 = t["projector"](t["backbone"](x1)), t["projector"](t["backbone"](x2))
+        return self.criterion(q1, k2) + self.criterion(q2, k1), [f1, f2]
