@@ -347,6 +347,11 @@ class GeneratorModule(L.LightningModule):
         if n and self.global_step % n == 0 and self.global_step > 0 and self.trainer.is_global_zero:
             self.log_samples()
 
+    def on_train_end(self) -> None:
+        # While the loggers are still open (fit_metrics runs after they are finalised).
+        if self.gcfg.sample_every_n_steps and self.trainer.is_global_zero and self.global_step > 0:
+            self.log_samples("samples_final")
+
     def configure_optimizers(self) -> Any:
         return optim.configure(self, self.trainer, self.cfg.optim, self.cfg.data.batch_size)
 
@@ -429,8 +434,6 @@ class GeneratorModule(L.LightningModule):
 
     def fit_metrics(self, trainer: L.Trainer, datamodule: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"final_loss": self._last_loss, "steps": int(trainer.global_step)}
-        if self.gcfg.sample_every_n_steps and trainer.is_global_zero and trainer.global_step > 0:
-            self.log_samples("samples_final")
         if self.gcfg.export_on_fit_end and trainer.default_root_dir:
             folder = Path(trainer.default_root_dir) / "export"
             if trainer.is_global_zero:
