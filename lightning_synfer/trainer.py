@@ -36,6 +36,18 @@ class StopOnNonFiniteLoss(Callback):
                 f"Lower optim.lr, enable trainer.gradient_clip_val, or check the data.")
 
 
+class RestoreLoaderState(Callback):
+    """Restore the train loader's mid-epoch position after a resume.
+
+    Lightning loads dataloader state in FitLoop.setup_data, but configure_optimizers already called
+    setup_data (through trainer.estimated_stepping_batches) before the checkpoint was read, so the
+    saved position would be ignored and the epoch replayed from its first batch.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.fit_loop._load_combined_loader_states()
+
+
 def _optional(value: Any) -> Any:
     return None if value in (None, "null") else value
 
@@ -57,7 +69,7 @@ def build_trainer(
     shards each global batch itself; prediction tasks (synthesis, labelling) turn it on.
     """
     t = cfg.trainer
-    cbs: list[Callback] = [StopOnNonFiniteLoss()]
+    cbs: list[Callback] = [StopOnNonFiniteLoss(), RestoreLoaderState()]
     loggers: list[Any] = []
     if run is not None:
         if cfg.logger.tensorboard:
@@ -65,15 +77,16 @@ def build_trainer(
         if cfg.logger.csv:
             loggers.append(CSVLogger(save_dir=str(run.path), name="csv", version=""))
         if enable_checkpointing and not t.fast_dev_run:
-            cbs.append(ModelCheckpoint(
-                dirpath=str(run.checkpoints), filename="best", monitor=monitor, mode=mode,
-                save_top_k=1 if monitor else 0, save_last=True, auto_insert_metric_name=False,
-                every_n_train_steps=_optional(t.checkpoint_every_n_steps),
-            ))
+            # First callback = trainer.checkpoint_callback: the best weights by `monitor`.
+            if monitor:
+                cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", monitor=monitor,
+                                           mode=mode, save_top_k=1, auto_insert_metric_name=False))
+            # last.ckpt for resume: at every epoch end, and also every N steps when preemption is likely
+            # (Lightning's triggers are exclusive per callback, hence two).
+            cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True))
             if t.checkpoint_every_n_steps:
-                # A second callback so that the step-wise last.ckpt does not also need a monitor value.
-                cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), filename="step", save_top_k=0,
-                                           save_last=True, every_n_train_steps=t.checkpoint_every_n_steps))
+                cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True,
+                                           every_n_train_steps=t.checkpoint_every_n_steps))
     if loggers:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     if t.enable_progress_bar:

@@ -76,16 +76,31 @@ def _weights(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-def test_resume_equals_uninterrupted_run(tiny, tmp_path):
-    """Stop after 1 epoch, resume=auto to 2 epochs: same weights as 2 epochs straight."""
-    det = ["trainer.deterministic=true", "data.augment.preset=none", "model.drop_rate=0.0"]
-    full = compose("supervised/embedded", tiny(*det, "trainer.max_epochs=2", f"run_dir={tmp_path/'full'}"))
-    fit.run(full)
-    first = compose("supervised/embedded", tiny(*det, "trainer.max_epochs=1", f"run_dir={tmp_path/'part'}"))
-    fit.run(first)
-    resumed = compose("supervised/embedded", tiny(*det, "trainer.max_epochs=2", f"run_dir={tmp_path/'part'}",
-                                                  "resume=auto"))
-    metrics = fit.run(resumed)
+class _Crash(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    """Crash mid-epoch 2 (step 11 of 16), resume=auto from the step-9 checkpoint: same weights as 16 straight."""
+    import lightning as L
+
+    det = ["trainer.deterministic=true", "data.augment.preset=none", "model.drop_rate=0.0", "trainer.max_epochs=2",
+           "trainer.checkpoint_every_n_steps=3"]
+    fit.run(compose("supervised/embedded", tiny(*det, f"run_dir={tmp_path/'full'}")))
+
+    class CrashAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 11:
+                raise _Crash()
+
+    real_build = fit.build_trainer
+    monkeypatch.setattr(fit, "build_trainer", lambda *a, **k: real_build(*a, callbacks=[CrashAt()], **k))
+    with pytest.raises(_Crash):
+        fit.run(compose("supervised/embedded", tiny(*det, f"run_dir={tmp_path/'part'}")))
+    monkeypatch.setattr(fit, "build_trainer", real_build)
+    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 9  # mid-epoch: 8 steps per epoch
+    metrics = fit.run(compose("supervised/embedded", tiny(*det, f"run_dir={tmp_path/'part'}", "resume=auto")))
     assert metrics["global_step"] == 16
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
     for key in a:
