@@ -25,6 +25,10 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
                  "fine-tune an SSL checkpoint (ckpt=...) on the experiment's labelled data"),
     "knn": ("lightning_synfer.tasks.knn:run", "ssl/embedded_linear",
             "weighted kNN of an SSL checkpoint's features (ckpt=...): bank data.train, queries data.test"),
+    "synthesize": ("lightning_synfer.tasks.synthesize:run", "generator/synthesize_embedded",
+                   "generate a labelled synthetic face set (gen.ckpt=... synth.num_images=N synth.out=DIR); resumable"),
+    "evaluate-generation": ("lightning_synfer.tasks.evaluate_generation:run", "generator/evaluate_generation",
+                            "judge a synthetic set (synth.dir=DIR judge.ckpt=... [real.root=DIR]): FER acc, AU error, FID/KID"),
 }
 DEFAULT_TASK = "demo"
 

@@ -147,7 +147,9 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, generator: Any = N
     if not cfg.synth.out:
         raise ConfigError("synthesize needs synth.out=DIR (the synthetic dataset folder to write or resume)")
     gen = generator if generator is not None else load_generator(cfg)
-    gen.eval().requires_grad_(False)
+    # eval() only: GeneratorModule's EMA swap reads the trainable set from requires_grad, so no freezing here
+    # (sampling runs under no_grad; semantic guidance differentiates w.r.t. the text embedding only).
+    gen.eval()
     gen_id = generator_id(cfg.gen.ckpt) if generator is None else getattr(gen, "generator_id", "in-memory")
     run_dir = start_run(cfg, argv)
     label_names = list(gen.label_names)

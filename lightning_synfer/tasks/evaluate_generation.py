@@ -1,0 +1,142 @@
+"""`python run.py evaluate-generation synth.dir=DIR judge.ckpt=CLASSIFIER [real.root=DIR] [judge.features=...]`.
+
+Writes metrics.json: FER accuracy of the judge vs the intended labels (overall, per class), AU MAE and
+accuracy (judges with an AU head), FID/KID against real.root, per-class counts. See metrics/generation.py.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from lightning_synfer.checkpoints import ImageClassifier, load_module
+from lightning_synfer.config.compose import ConfigError
+from lightning_synfer.metrics.generation import (BackboneFeatures, GenerationJudge, au_index_pairs, build_fid_kid,
+                                                 finite_or_none, label_index_map)
+from lightning_synfer.sampling.inversion import list_layout_images
+from lightning_synfer.tasks.common import finish, peak_memory_mb, start_run, timed
+from lightning_synfer.tasks.evaluate import CLASSIFIER_TASKS
+
+
+def load01(path: str, size: int, channels: int) -> torch.Tensor:
+    """(C, size, size) float in [0, 1]."""
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr)
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+def _batches(items: Sequence[Any], size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def feature_extractor(cfg: DictConfig, judge: ImageClassifier) -> Any:
+    j = cfg.judge
+    if j.features == "inception":
+        if not j.inception_weights or not os.path.isfile(j.inception_weights):
+            raise ConfigError(f"judge.features=inception needs judge.inception_weights=FILE (local torch-fidelity "
+                              f"Inception weights; nothing is downloaded), got {j.inception_weights!r}")
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise ConfigError("judge.features=inception needs the torch-fidelity package; "
+                              "use judge.features=backbone instead") from None
+        return 2048
+    clf = judge if not j.feature_ckpt else ImageClassifier(load_module(j.feature_ckpt, tasks=CLASSIFIER_TASKS))
+    return BackboneFeatures(clf)
+
+
+def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
+    from datamodules.synthetic import read_manifest
+    from datamodules.synthetic import resolve_inside
+
+    if not cfg.synth.dir:
+        raise ConfigError("evaluate-generation needs synth.dir=DIR (a synthetic dataset: dataset.json + manifest)")
+    if not cfg.judge.ckpt:
+        raise ConfigError("evaluate-generation needs judge.ckpt=PATH (a FER classifier checkpoint)")
+    root = str(cfg.synth.dir)
+    header, records = read_manifest(root)
+    module = load_module(cfg.judge.ckpt, tasks=CLASSIFIER_TASKS)
+    judge = ImageClassifier(module).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    judge.to(device)
+    run_dir = start_run(cfg, argv)
+
+    label_map = label_index_map(header["label_names"], judge.label_names)
+    au_names = header.get("au_names", [])
+    au_pairs = None
+    if getattr(module, "au_head", None) is not None and au_names:
+        au_pairs = au_index_pairs(au_names, getattr(module, "au_names", []))
+    scorer = GenerationJudge(judge, judge.label_names, au_pairs, cfg.judge.au_threshold)
+    size = int(header.get("image_size") or 0)
+    channels = int(header.get("channels") or 3)
+    kept = [r for r in records if label_map[r["label"]] >= 0]
+    excluded: dict[str, int] = {}
+    for r in records:
+        if label_map[r["label"]] < 0:
+            name = header["label_names"][r["label"]]
+            excluded[name] = excluded.get(name, 0) + 1
+    if not kept:
+        raise ValueError(f"synth.dir={root}: none of its {len(records)} images has a class the judge knows "
+                         f"({judge.label_names})")
+    if not size:
+        with Image.open(resolve_inside(root, kept[0]["image"])) as im:
+            size = im.size[0]
+
+    real_paths: list[str] = []
+    if cfg.real.root:
+        real_paths = list_layout_images(cfg.real.root, cfg.real.format, cfg.real.split, key="real.root")
+        if cfg.real.max_images and len(real_paths) > cfg.real.max_images:
+            pick = np.sort(np.random.default_rng(0).choice(len(real_paths), cfg.real.max_images, replace=False))
+            real_paths = [real_paths[i] for i in pick]
+    fid = kid = None
+    kid_size = min(cfg.judge.kid_subset_size, len(real_paths), len(kept))
+    if real_paths:
+        feature = feature_extractor(cfg, judge)
+        fid, kid = build_fid_kid(feature, max(2, kid_size), inception_weights=cfg.judge.inception_weights)
+        fid, kid = fid.to(device), kid.to(device)
+
+    bs = cfg.judge.batch_size
+    with timed() as clock:
+        for chunk in _batches(kept, bs):
+            images = torch.stack([load01(resolve_inside(root, r["image"]), size, channels) for r in chunk]).to(device)
+            labels = torch.tensor([label_map[r["label"]] for r in chunk])
+            aus = None
+            if au_pairs and all(r.get("aus") is not None for r in chunk):
+                aus = torch.tensor([r["aus"] for r in chunk], dtype=torch.float32)
+            scorer.update(images, labels, aus)
+            if fid is not None:
+                fid.update(images, real=False)
+                kid.update(images, real=False)
+        for chunk in _batches(real_paths, bs):
+            images = torch.stack([load01(p, size, channels) for p in chunk]).to(device)
+            fid.update(images, real=True)
+            kid.update(images, real=True)
+    metrics = scorer.report(au_names)
+    metrics.update({"task": "evaluate-generation", "synth_dir": root, "judge": str(cfg.judge.ckpt),
+                    "generator": header.get("generator"), "excluded_classes": excluded,
+                    "num_records": len(records), "wall_time_s": clock["wall_time_s"], **peak_memory_mb()})
+    if fid is not None:
+        torch.manual_seed(0)  # KID draws random subsets
+        metrics["fid"] = finite_or_none(fid.compute())
+        metrics["kid"] = None
+        if kid_size >= 2:
+            kid_mean, kid_std = kid.compute()
+            metrics["kid"], metrics["kid_std"] = finite_or_none(kid_mean), finite_or_none(kid_std)
+        metrics["fid_features"] = "inception" if cfg.judge.features == "inception" else \
+            f"backbone:{cfg.judge.feature_ckpt or cfg.judge.ckpt}"
+        metrics["num_real"] = len(real_paths)
+        metrics["kid_subset_size"] = kid_size
+    acc = metrics["fer_accuracy"]
+    print(f"[synfer] evaluate-generation: {metrics['num_images']} images, FER accuracy "
+          f"{acc:.4f}" + (f", FID {metrics['fid']:.3f}" if metrics.get("fid") is not None else "")
+          + (f", AU MAE {metrics['au']['mae']:.4f}" if "au" in metrics else ""), flush=True)
+    return finish(run_dir, metrics)
