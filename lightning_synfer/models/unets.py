@@ -45,7 +45,7 @@ def check_sd_folder(path: Any, key: str = "generator.pretrained_path", required:
     if not root.is_dir():
         raise FileNotFoundError(f"{key}={root}: no such directory (expected a diffusers Stable Diffusion folder)")
     for rel in required:
-        if not (root / rel).is_file():
+        if not (root / rel).exists():
             raise FileNotFoundError(f"{key}={root}: missing {rel} (not a diffusers Stable Diffusion folder)")
     return root
 

@@ -1,0 +1,189 @@
+"""GeneratorModule: training step, export/load, fit + resume with EMA, the sd profile on a tiny SD folder."""
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_synfer.config import compose
+from lightning_synfer.config.compose import to_container
+from lightning_synfer.models.au_adapter import AUAttnProcessor
+from lightning_synfer.modules.generator import GeneratorModule
+from lightning_synfer.tasks import fit
+
+LABELS = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt"]
+# tiny_test is already small; these keep every fit in this file to a handful of seconds.
+FAST = ["generator.sample_every_n_steps=0", "trainer.limit_val_batches=1"]
+
+
+def _module(tiny, *extra, experiment="generator/tiny_test"):
+    torch.manual_seed(0)
+    cfg = compose(experiment, tiny(*FAST, *extra))
+    return GeneratorModule(to_container(cfg), LABELS)
+
+
+def _batch(module, b=4, has_aus=True):
+    g = torch.Generator().manual_seed(1)
+    c, s = module.cfg.data.channels, module.cfg.data.image_size
+    return {"image": torch.rand(b, c, s, s, generator=g) * 2 - 1, "caption": [f"a face looking {n}" for n in LABELS[:b]],
+            "aus": torch.rand(b, len(module.au_names), generator=g), "has_aus": torch.full((b,), has_aus)}
+
+
+def _outputs(module, b=2):
+    """Deterministic denoiser outputs through the public interface (text + AUs + EMA)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(module.sample_shape(b), generator=g)
+    t = torch.tensor([50, 900][:b])
+    aus = torch.rand(b, len(module.au_names), generator=g)
+    with torch.no_grad():
+        ehs = module.conditioning(module.encode_text(["a happy face", "a sad face"][:b]), module.encode_aus(aus))
+        return module.denoise(x, t, ehs), module.denoise(x, t, ehs, use_ema=True)
+
+
+def test_forward_backward_trains_adapter_and_unet(tiny):
+    m = _module(tiny).train()
+    loss = m.diffusion_loss(_batch(m), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.au_adapter.mlp.parameters())
+    assert all(p.grad is not None for p in m.au_adapter.processors.parameters())
+    assert m.unet.conv_in.weight.grad is not None
+    procs = m.unet.attn_processors
+    assert sum(isinstance(p, AUAttnProcessor) for p in procs.values()) == sum(n.endswith("attn2.processor")
+                                                                              for n in procs)
+    assert m.sample_shape(3) == (3, 1, 32, 32)
+    assert m.encode_text(["x"]).shape == (1, 16, 32) and m.encode_aus(torch.zeros(1, 14)).shape == (1, 4, 32)
+
+
+def test_adapter_only_freezes_the_unet(tiny):
+    m = _module(tiny, "generator.train_unet=false")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("au_adapter.", "text_proj.")) or ".processor." in n for n in trainable)
+
+
+def test_no_aus_in_batch_means_the_zero_condition(tiny):
+    m = _module(tiny, "generator.caption_dropout=0", "generator.au_dropout=0").eval()
+    batch = _batch(m, has_aus=False)
+    zeros = {**batch, "aus": torch.zeros_like(batch["aus"])}
+    with torch.no_grad():
+        a = m.diffusion_loss(batch, torch.Generator().manual_seed(0))
+        b = m.diffusion_loss(zeros, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+def test_wrong_au_length_names_the_au_list(tiny):
+    m = _module(tiny)
+    with pytest.raises(ValueError, match=r"AU1', 'AU2'.*AU12_unilateral"):
+        m.encode_aus(torch.zeros(2, 5))
+
+
+def test_export_and_load_give_identical_outputs(tiny, tmp_path):
+    m = _module(tiny, "generator.prediction_type=v_prediction").eval()
+    with torch.no_grad():  # make raw and EMA weights differ, and the adapter non-trivial
+        for p in m.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    before = _outputs(m)
+    assert not torch.equal(*before)
+    folder = m.save_pretrained(tmp_path / "export")
+    for rel in ("unet/config.json", "unet_ema/diffusion_pytorch_model.safetensors", "au_adapter.safetensors",
+                "scheduler/scheduler_config.json", "text_encoder.json", "text_encoder/model.safetensors"):
+        assert (folder / rel).is_file(), rel
+    meta = json.loads((folder / "generator_config.json").read_text())
+    assert meta["prediction_type"] == "v_prediction" and meta["num_au_tokens"] == 4 and meta["channels"] == 1
+    assert meta["label_names"] == LABELS and len(meta["au_names"]) == 14
+    loaded = GeneratorModule.load(str(folder))
+    after = _outputs(loaded)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert loaded.noise_scheduler.config.prediction_type == "v_prediction"
+
+
+def test_fit_fast_dev_run_embedded(tiny):
+    cfg = compose("generator/embedded", tiny(
+        "trainer.fast_dev_run=true", "generator.text_encoder=tiny", "generator.text_max_length=16",
+        "generator.block_out_channels=[8,16]", "generator.attention_levels=[false,true]", "generator.au_hidden=32",
+        "generator.cross_attention_dim=32", "generator.sample_every_n_steps=1", "generator.sample_steps=2"))
+    metrics = fit.run(cfg)
+    assert metrics["global_step"] == 1 and metrics["steps"] == 1 and metrics["final_loss"] > 0
+    assert (Path(metrics["export_dir"]) / "generator_config.json").is_file()
+
+
+def test_fit_resume_restores_ema(tiny, tmp_path):
+    small = [*FAST, "data.train.num_images=16"]  # 2 steps per epoch
+    first = fit.run(compose("generator/tiny_test", tiny(*small, "trainer.max_epochs=1", f"run_dir={tmp_path / 'a'}")))
+    ckpt_a = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert first["steps"] == 2 and ckpt_a.is_file()
+    saved = torch.load(ckpt_a, map_location="cpu", weights_only=True)
+    assert saved["ema"]["optimization_step"] == 2
+    m = GeneratorModule.load(str(ckpt_a))  # EMA restored equal from the checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(m.ema.shadow_params, saved["ema"]["shadow_params"]))
+    assert not all(torch.equal(a, b) for a, b in zip(m.ema.shadow_params, m.trainable_parameters()))
+    fit.run(compose("generator/tiny_test", tiny(*small, "trainer.max_epochs=2", f"resume={ckpt_a}",
+                                                f"run_dir={tmp_path / 'b'}")))
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 4 and resumed["ema"]["optimization_step"] == 4  # continued, not restarted
+
+
+def test_sd_profile_missing_path_errors(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+        _module(tiny, "generator.profile=sd", f"generator.pretrained_path={tmp_path / 'nope'}")
+    (tmp_path / "half" / "vae").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"half: missing unet/config.json"):
+        _module(tiny, "generator.profile=sd", f"generator.pretrained_path={tmp_path / 'half'}")
+
+
+def make_tiny_sd(root: Path) -> Path:
+    """A diffusers SD folder built from config dicts: tiny UNet (4 latent channels), VAE, CLIP text + tokenizer."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=2, norm_num_groups=8).save_pretrained(root / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=8, sample_size=16).save_pretrained(root / "vae")
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=16, vocab_size=100)).save_pretrained(root / "text_encoder")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + "',.-":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (root / "tok_src").mkdir()
+    (root / "tok_src" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "tok_src" / "merges.txt").write_text("#version: 0.2\n")  # no merges: character-level BPE
+    CLIPTokenizer(str(root / "tok_src" / "vocab.json"), str(root / "tok_src" / "merges.txt")).save_pretrained(
+        root / "tokenizer")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False).save_pretrained(root / "scheduler")
+    return root
+
+
+def test_sd_profile_lora_on_tiny_sd_folder(tiny, tmp_path):
+    sd = make_tiny_sd(tmp_path / "sd")
+    m = _module(tiny, "generator.profile=sd", f"generator.pretrained_path={sd}", "generator.text_encoder=clip",
+                "generator.lora_rank=2", "generator.beta_schedule=scaled_linear", "data.channels=3",
+                "data.image_size=16", "generator.frozen_dtype=fp32").train()
+    assert m.vae is not None and m.text_encoder.kind == "clip" and m.sample_shape(2) == (2, 4, 8, 8)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable)
+    assert all("lora_" in n or n.startswith("au_adapter.") or ".processor." in n for n in trainable)
+    loss = m.diffusion_loss(_batch(m), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:  # LoRA B starts at 0: give the merge something to merge
+                p.add_(0.05 * torch.randn_like(p))
+    m.eval()
+    before = _outputs(m)
+    images = m.model_space_to_images(torch.randn(m.sample_shape(1)))
+    assert images.shape == (1, 3, 16, 16) and images.abs().max() <= 1
+    folder = m.save_pretrained(tmp_path / "export")
+    assert (folder / "vae" / "config.json").is_file() and (folder / "tokenizer").is_dir()
+    loaded = GeneratorModule.load(str(folder))
+    assert loaded.text_encoder.kind == "clip" and not any("lora_" in n for n, _ in loaded.named_parameters())
+    after = _outputs(loaded)
+    assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
