@@ -62,6 +62,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("SYNFER_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
+    # Lightning prints through its own handler; stop its records reaching ours a second time.
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).propagate = False
     if argv and argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
