@@ -224,6 +224,8 @@ def render_face(
     aus = np.asarray(aus, dtype=np.float64)
     if aus.shape != (NUM_AUS,):
         raise ValueError(f"aus must have shape ({NUM_AUS},) ordered as AU_NAMES, got {aus.shape}")
+    if not np.isfinite(aus).all():
+        raise ValueError(f"aus must be finite intensities in [0, 1], got {aus.tolist()}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if size < 16:
@@ -430,7 +432,8 @@ def _draw_face(cv: _Canvas, idt: Identity, a: dict, yaw: float, gaze: float, sid
         colour = _mix(skin, deep, min(1.0, 0.3 + 0.7 * au9))
         for k in range(3):
             y = -0.06 + 0.035 * k
-            cv.stroke(_through((nx - 0.05, y + 0.01), (nx, y - 0.01), (nx + 0.05, y + 0.01), 5), 0.005 + 0.004 * au9, colour)
+            wrinkle = _through((nx - 0.05, y + 0.01), (nx, y - 0.01), (nx + 0.05, y + 0.01), 5)
+            cv.stroke(wrinkle, 0.005 + 0.004 * au9, colour)
 
     # --- mouth geometry
     mx, my = dx_nose * 0.8, idt.mouth_y
