@@ -56,6 +56,9 @@ class SemanticGuidance(nn.Module):
         targets = labels.to(text_emb.device).long()
         if self._index_map is not None:
             targets = self._index_map.to(targets.device)[targets]
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("semantic guidance needs autograd, but it runs under torch.inference_mode(); "
+                               "build the Trainer with inference_mode=False (synthesize does when sg.enabled)")
         keep = targets >= 0
         if not keep.any() or self.scale == 0:
             return text_emb

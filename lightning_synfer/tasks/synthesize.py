@@ -185,7 +185,9 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, generator: Any = N
         loader = DataLoader(SpecDataset(remaining), batch_size=cfg.synth.batch_size, shuffle=False,
                             num_workers=0, collate_fn=collate_specs)
         trainer = build_trainer(cfg, run_dir, use_distributed_sampler=True, monitor=None, enable_checkpointing=False,
-                                callbacks=[writer, *callbacks], logger=False)
+                                callbacks=[writer, *callbacks], logger=False,
+                                # Guidance differentiates through the UNet: predict must not run in inference mode.
+                                inference_mode=guidance is None)
         if trainer.is_global_zero:
             print(f"[synfer] synthesize: {len(remaining)} of {len(specs)} images to generate "
                   f"({len(specs) - len(remaining)} already in {out})", flush=True)

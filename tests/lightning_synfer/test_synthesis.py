@@ -98,7 +98,8 @@ def test_interrupted_synthesis_resumes_to_exactly_n_unique_records(tmp_path, gen
 
 
 @pytest.mark.ddp
-def test_two_process_synthesis_writes_disjoint_parts(tmp_path, gen_export):
+def test_two_process_synthesis_writes_disjoint_parts(tmp_path, gen_export, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks start their own torch
     out = tmp_path / "synth"
     args = _overrides(tmp_path, gen_export, out, "synth.num_images=6", "trainer.accelerator=cpu",
                       "trainer.devices=2", "trainer.strategy=ddp_spawn")
@@ -150,3 +151,34 @@ def test_evaluate_generation_reports_fer_au_fid_kid(tmp_path):
     assert metrics["num_real"] == 10 and metrics["fid_features"].startswith("backbone:")
     # Inception needs local weights: a clear config error, no download.
     assert main([*argv, "judge.features=inception"]) == 2
+
+
+def test_synthesis_with_semantic_guidance_and_layout_start(tmp_path, gen_export):
+    faces = tmp_path / "faces"
+    for i in range(3):
+        write_image(faces / f"face{i}.png", size=24, mode="L", seed=i)
+    judge = _judge_ckpt(tmp_path)  # 7 classes: contempt specs are sampled unguided
+    out = tmp_path / "synth"
+    args = _overrides(tmp_path, gen_export, out, "synth.num_images=4", "sg.enabled=true", f"sg.ckpt={judge}",
+                      "sg.window=1.0", "sg.scale=0.5", "layout.enabled=true", f"layout.root={faces}",
+                      "layout.strength=0.5", "sampling.steps=2")
+    metrics = synthesize.run(compose("generator/synthesize_sg", args))
+    assert metrics["complete"] and metrics["sg"] and metrics["layout"] and metrics["num_new"] == 4
+    _, records = read_manifest(str(out))
+    assert len(records) == 4 and all(r["layout"] in {"face0.png", "face1.png", "face2.png"} for r in records)
+    info = json.loads((out / "synthesis.json").read_text())
+    assert info["sg"]["enabled"] and info["layout"]["strength"] == 0.5
+
+
+def test_real_generator_sampling_is_deterministic(gen_export):
+    from lightning_synfer.modules.generator import GeneratorModule
+    from lightning_synfer.sampling import DDIMSampler, SamplerSettings
+
+    gen = GeneratorModule.load(gen_export)
+    sampler = DDIMSampler(gen, SamplerSettings(steps=3, eta=1.0, text_scale=3.0, au_scale=2.0, use_ema=True))
+    caps = ["a photo of a face looking happy", "a sad face", "", "an angry face"]
+    aus = torch.rand(4, len(gen.au_names), generator=torch.Generator().manual_seed(0))
+    a = sampler.sample(caps, aus, [11, 12, 13, 14])
+    assert torch.equal(a, sampler.sample(caps, aus, [11, 12, 13, 14]))
+    b = sampler.sample(caps[2:], aus[2:], [13, 14])
+    torch.testing.assert_close(b, a[2:], atol=1e-4, rtol=0)
