@@ -166,10 +166,11 @@ class DDIMSampler:
         if len(captions) != len(seeds):
             raise ValueError(f"sample: {len(captions)} captions but {len(seeds)} seeds; expected one seed per sample")
         s = self.settings
-        device = self.gen.device if hasattr(self.gen, "device") else next(self.gen.parameters()).device
+        # The UNet's own device/dtype: frozen parts (text encoder, VAE) may live in another dtype.
+        unet_param = next(self.gen.unet.parameters())
+        device, dtype = unet_param.device, unet_param.dtype
         with self._ema():
             cond = Conditioner(self.gen, captions, aus, s.text_scale, s.au_scale)
-            dtype = cond.text_emb.dtype if cond.text_emb.is_floating_point() else torch.float32
             x, gens = self.initial_noise(seeds, device, dtype)
             if x_start is not None:
                 x = x_start.to(device=device, dtype=dtype)
@@ -197,6 +198,7 @@ class DDIMSampler:
 
     def _model(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, repeats: int) -> torch.Tensor:
         xin = x if repeats == 1 else torch.cat([x] * repeats)
+        hidden = hidden.to(x.dtype)
         tt = t.to(x.device).expand(xin.shape[0]) if torch.is_tensor(t) else torch.full((xin.shape[0],), int(t),
                                                                                         device=x.device)
         # EMA weights are swapped in by _ema() (UNet and AU adapter alike), so denoise uses the live ones.

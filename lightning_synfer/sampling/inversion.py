@@ -27,7 +27,8 @@ def inverted_steps(num_steps: int, strength: float) -> int:
 
 @torch.no_grad()
 def ddim_invert(sampler: DDIMSampler, images_m11: torch.Tensor, captions: Sequence[str],
-                aus: Optional[torch.Tensor] = None, num_steps: Optional[int] = None) -> tuple[torch.Tensor, int]:
+                aus: Optional[torch.Tensor] = None, num_steps: Optional[int] = None,
+                seeds: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, int]:
     """Invert images in [-1, 1] through the last `num_steps` of the sampler's DDIM schedule.
 
     Returns (x, start_index): sampler.sample(..., x_start=x, start_index=start_index) continues from it.
@@ -44,7 +45,9 @@ def ddim_invert(sampler: DDIMSampler, images_m11: torch.Tensor, captions: Sequen
     with sampler._ema():
         cond = Conditioner(gen, captions, aus, 1.0, 1.0)  # conditional pass only
         hidden = cond.batched()
-        x = gen.images_to_model_space(images_m11.to(device=cond.text_emb.device, dtype=cond.text_emb.dtype))
+        unet_param = next(gen.unet.parameters())
+        x = encode_seeded(gen, images_m11.to(device=unet_param.device, dtype=torch.float32), seeds)
+        x = x.to(unet_param.dtype)
         sched = sampler.scheduler
         prev_alpha = sched.final_alpha_cumprod.to(x.device, x.dtype)
         # Clean image -> timesteps[n-1] -> ... -> timesteps[start_index], i.e. the sampling order reversed.
@@ -57,6 +60,20 @@ def ddim_invert(sampler: DDIMSampler, images_m11: torch.Tensor, captions: Sequen
             x = alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps
             prev_alpha = alpha
     return x, start_index
+
+
+def encode_seeded(gen: Any, images_m11: torch.Tensor, seeds: Optional[Sequence[int]]) -> torch.Tensor:
+    """images_to_model_space, one image at a time under its own seed when the encoder samples (a VAE's
+    latent_dist.sample() draws from the global RNG): the same spec then inverts to the same x_T."""
+    if getattr(gen, "vae", None) is None or seeds is None:
+        return gen.images_to_model_space(images_m11)
+    devices = [images_m11.device] if images_m11.device.type == "cuda" else []
+    out = []
+    for image, seed in zip(images_m11, seeds):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+            out.append(gen.images_to_model_space(image[None]))
+    return torch.cat(out)
 
 
 def list_layout_images(root: str, fmt: str = "images", split: str = "train", key: str = "layout.root") -> list[str]:

@@ -83,7 +83,10 @@ class SynthesisWriter(BasePredictionWriter):
 
     def _show_rate(self, trainer) -> None:
         rate = self.written / max(1e-9, time.perf_counter() - (self._t0 or time.perf_counter()))
-        bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)
+        try:
+            bar = trainer.progress_bar_callback.predict_progress_bar  # TypeError/AttributeError when absent
+        except (AttributeError, TypeError):
+            bar = None
         if bar is not None:
             bar.set_postfix({"img/s": f"{rate * max(1, trainer.world_size):.2f}"}, refresh=False)
 

@@ -81,7 +81,7 @@ class SynthesisModule(L.LightningModule):
         paths = [self.layout_paths[s % len(self.layout_paths)] for s in batch["seed"]]
         images = torch.stack([load_image_m11(p, size, channels) for p in paths])
         k = inverted_steps(self.settings.steps, self.layout_strength)
-        return ddim_invert(self.sampler, images, batch["caption"], batch["aus"], num_steps=k)
+        return ddim_invert(self.sampler, images, batch["caption"], batch["aus"], num_steps=k, seeds=batch["seed"])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         x_start, start_index = None, 0
