@@ -33,7 +33,10 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
 DEFAULT_TASK = "demo"
 
 # Tasks that do not compose a config (they take paths): name -> "module:function".
-PLAIN_TASKS: dict[str, tuple[str, str]] = {}
+PLAIN_TASKS: dict[str, tuple[str, str]] = {
+    "check-dataset": ("lightning_synfer.tasks.check_dataset:main",
+                      "verify a synthetic or real dataset folder; exits 1 on any problem"),
+}
 
 
 def usage() -> str:

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from lightning_synfer.runs import RunDir
@@ -46,6 +47,69 @@ class RestoreLoaderState(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         trainer.fit_loop._load_combined_loader_states()
+
+
+class PlainProgress(Callback):
+    """One line every N steps and one per validation, for logs of batch jobs (no progress bar)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = max(1, every)
+        self._start = None
+        self._seen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self._start is None:
+            self._start, self._seen = now, 0
+        images = batch.get("image") if isinstance(batch, dict) else None
+        if isinstance(images, (list, tuple)):
+            images = images[0]
+        self._seen += int(images.shape[0]) * trainer.world_size if torch.is_tensor(images) else 0
+        if trainer.is_global_zero and trainer.global_step % self.every == 0:
+            loss = trainer.callback_metrics.get("train/loss")
+            rate = self._seen / max(now - self._start, 1e-9)
+            print(f"[synfer] epoch {trainer.current_epoch} step {trainer.global_step}"
+                  f"/{trainer.estimated_stepping_batches} loss {float(loss) if loss is not None else float('nan'):.4f} "
+                  f"{rate:.1f} img/s", flush=True)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            shown = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()
+                     if k.startswith("val") and "/" in k and torch.is_tensor(v) and v.numel() == 1}
+            print(f"[synfer] epoch {trainer.current_epoch} step {trainer.global_step} {shown}", flush=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file and renamed, so a kill mid-write never leaves a
+    truncated last.ckpt behind (Lightning's default writes the target path in place)."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
+        import os
+
+        from datamodules.atomic import atomic_path
+
+        with atomic_path(os.fspath(path)) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class SaveOnPreemption(Callback):
+    """SIGTERM (a preempted job): Lightning stops after the current step; save last.ckpt so that
+    `resume=auto` continues from here, then let the process exit cleanly for requeueing."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            path = self.run.checkpoints / "last.ckpt"
+            trainer.save_checkpoint(str(path))
+            if trainer.is_global_zero:
+                print(f"[synfer] SIGTERM: saved {path} at step {trainer.global_step}; resume with resume=auto",
+                      flush=True)
 
 
 def _optional(value: Any) -> Any:
@@ -87,10 +151,13 @@ def build_trainer(
             if t.checkpoint_every_n_steps:
                 cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True,
                                            every_n_train_steps=t.checkpoint_every_n_steps))
+            cbs.append(SaveOnPreemption(run))
     if loggers:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     if t.enable_progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, int(t.log_every_n_steps))))
+    else:
+        cbs.append(PlainProgress(int(t.log_every_n_steps)))
     cbs.extend(callbacks)
 
     kwargs: dict[str, Any] = dict(
@@ -124,6 +191,7 @@ def build_trainer(
         use_distributed_sampler=use_distributed_sampler,
         default_root_dir=str(run.path) if run is not None else None,
         enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
     )
     kwargs.update(overrides)
     return L.Trainer(**kwargs)

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from fixtures import make_folder_dataset, make_synthetic_set
+from lightning_synfer.cli import main
+
+
+def _lines(root):
+    return [json.loads(l) for l in (root / "manifest.jsonl").read_text().splitlines() if l.strip()]
+
+
+def _rewrite(root, records):
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_clean_synthetic_set_passes(tmp_path, capsys):
+    root = make_synthetic_set(tmp_path / "syn", n=8)
+    assert main(["check-dataset", str(root)]) == 0
+    assert "records: 8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fault,expected", [
+    ("duplicate", "duplicate id"),
+    ("escape", "image"),
+    ("nan_au", "aus"),
+    ("bad_label", "label"),
+    ("corrupt", "cannot decode"),
+    ("missing", "does not exist"),
+    ("half_line", "not valid JSON"),
+])
+def test_each_fault_is_reported(tmp_path, capsys, fault, expected):
+    root = make_synthetic_set(tmp_path / "syn", n=6)
+    recs = _lines(root)
+    if fault == "duplicate":
+        recs[1]["id"] = recs[0]["id"]
+    elif fault == "escape":
+        recs[0]["image"] = "../outside.png"
+    elif fault == "nan_au":
+        recs[0]["aus"][0] = float("nan")
+    elif fault == "bad_label":
+        recs[0]["label"] = 99
+    elif fault == "corrupt":
+        (root / recs[0]["image"]).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    elif fault == "missing":
+        (root / recs[0]["image"]).unlink()
+    if fault == "nan_au":
+        text = "".join(json.dumps(r) + "\n" for r in recs)  # json writes NaN literally
+        (root / "manifest.jsonl").write_text(text)
+    else:
+        _rewrite(root, recs)
+    if fault == "half_line":
+        with open(root / "manifest.jsonl", "a") as fh:
+            fh.write('{"id": "half", "ima')
+    assert main(["check-dataset", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEMS" in out and expected in out
+
+
+def test_real_folder_with_bad_files(tmp_path, capsys):
+    root = make_folder_dataset(tmp_path / "real", classes=("happy", "sad"), per_class=2)
+    assert main(["check-dataset", str(root), "--format", "folder"]) == 0
+    (root / "happy" / "zero.jpg").write_bytes(b"")
+    assert main(["check-dataset", str(root), "--format", "folder"]) == 1
+    assert "zero" in capsys.readouterr().out
