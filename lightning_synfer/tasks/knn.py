@@ -35,7 +35,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     from datamodules.transforms import eval_transform
 
     source = load_backbone_module(cfg, "knn", BACKBONE_TASKS)
-    pcfg = probe_config(cfg, source)
+    pcfg = probe_config(cfg, source, "ssl_knn")
     run_dir = start_run(pcfg, argv)
     dm = FERDataModule(pcfg, normalization=source.normalization, run_dir=str(run_dir.path))
     tf = eval_transform(pcfg.data.image_size, dm.mean, dm.std)

@@ -28,12 +28,13 @@ def load_backbone_module(cfg: DictConfig, task: str, tasks=("ssl",)) -> Any:
     return load_module(cfg.ckpt, tasks=tasks)
 
 
-def probe_config(cfg: DictConfig, source: Any) -> DictConfig:
+def probe_config(cfg: DictConfig, source: Any, task: str) -> DictConfig:
     """This experiment's config with the source checkpoint's backbone and input format (size, channels,
-    mean/std), so the probe sees exactly what the backbone was trained on."""
+    mean/std), so the probe sees exactly what the backbone was trained on. `task` (ssl_linear, ssl_finetune,
+    ssl_knn) keeps the run hashes of different probes on one experiment and checkpoint apart."""
     norm = source.normalization
     model = {**to_container(source.cfg.model), "pretrained_path": None}
-    out = OmegaConf.merge(cfg, {"model": model, "data": {
+    out = OmegaConf.merge(cfg, {"task": task, "model": model, "data": {
         "image_size": int(norm["image_size"]), "channels": int(norm["channels"]),
         "mean": list(norm["mean"]), "std": list(norm["std"])}})
     if out.data.test is None:
@@ -47,7 +48,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, kind: str = "linear")
     from lightning_synfer.modules.probe import FinetuneProbe, LinearProbe
 
     source = load_backbone_module(cfg, kind, BACKBONE_TASKS)
-    pcfg = probe_config(cfg, source)
+    pcfg = probe_config(cfg, source, f"ssl_{kind}")
     run_dir = start_run(pcfg, argv)
     label_names = list(LabelSpace.from_num_classes(pcfg.data.num_classes).names)
     cls = LinearProbe if kind == "linear" else FinetuneProbe

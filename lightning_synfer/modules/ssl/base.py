@@ -15,6 +15,7 @@ val/knn_acc; best.ckpt tracks val/knn_acc.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
@@ -155,8 +156,9 @@ class SSLBase(L.LightningModule):
             if cb.best_model_score is not None:
                 out["best_" + str(cb.monitor).replace("/", "_")] = float(cb.best_model_score)
                 out["best_checkpoint"] = cb.best_model_path
-            if cb.last_model_path:
-                out["last_checkpoint"] = cb.last_model_path
+            last = cb.last_model_path or (os.path.join(cb.dirpath, "last.ckpt") if cb.dirpath else "")
+            if last and os.path.isfile(last):
+                out["last_checkpoint"] = last
         return out
 
     # -- training ------------------------------------------------------------------------------------

@@ -1,0 +1,218 @@
+"""Self-supervised pre-training: every method runs, losses equal their reference formulas, the EMA teacher
+and its tau schedule, the kNN metric, LR scaling with the global batch, and pre-train -> linear/knn/finetune
+-> evaluate end to end. (The 2-process DDP gradient check is in test_ssl_ddp.py.)"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss
+
+from lightning_synfer.checkpoints import load_module
+from lightning_synfer.cli import main
+from lightning_synfer.config import ConfigError, compose, to_container
+from lightning_synfer.losses.ssl import MoCoV3Loss
+from lightning_synfer.metrics.knn import WeightedKNN
+from lightning_synfer.modules.ssl import METHODS, SSLModule
+from lightning_synfer.tasks import fit
+
+# A backbone without batch statistics that runs in milliseconds, and small heads.
+SMALL = ["model.backbone=test_vit", "ssl.proj_hidden_dim=32", "ssl.pred_hidden_dim=32", "ssl.proj_output_dim=16",
+         "ssl.dino_output_dim=64", "ssl.dino_bottleneck_dim=16", "ssl.aug.local_size=16",
+         "data.train.num_images=32"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models on a shared CPU: intra-op threads only oversubscribe the cores (10-100x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- every method trains ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experiment", ["embedded_mocov3", "embedded_simclr", "embedded_byol", "embedded_dino",
+                                        "embedded_mocov3_synthetic"])
+def test_fast_dev_run(experiment, tiny):
+    extra = ["data.synthetic.num_images=32"] if "synthetic" in experiment else []
+    cfg = compose(f"ssl/{experiment}", tiny("trainer.fast_dev_run=true", *SMALL, *extra))
+    metrics = fit.run(cfg)
+    assert metrics["global_step"] == 1 and metrics["method"] == cfg.ssl.method
+    assert math.isfinite(metrics["train_ssl_loss"])
+    assert 0.0 <= metrics["val_knn_acc"] <= 1.0 and 0.0 <= metrics["val_linear_acc"] <= 1.0
+
+
+def test_registry_and_config_errors(tiny):
+    assert set(METHODS) == {"mocov3", "simclr", "byol", "dino"}
+    with pytest.raises(ConfigError, match="ssl.method"):
+        compose("ssl/embedded_mocov3", ["ssl.method=swav"])
+    with pytest.raises(ConfigError, match="ssl.aug.local_crops"):
+        compose("ssl/embedded_mocov3", ["ssl.aug.local_crops=2"])
+
+
+# -- losses against their reference formulas ----------------------------------------------------------------
+
+
+def _pairs(n=6, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+def test_mocov3_loss_matches_paper_formula_and_differs_from_ntxent():
+    q, k = _pairs()
+    tau = 0.2
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    # ctr(q, k) = mean_i -log( exp(q_i.k_i / tau) / sum_j exp(q_i.k_j / tau) ) * 2 tau   (MoCo v3, Alg. 1)
+    ref = torch.stack([-(qn[i] @ kn[i] / tau - torch.logsumexp(qn[i] @ kn.T / tau, 0)) for i in range(len(q))])
+    ref = ref.mean() * 2 * tau
+    torch.testing.assert_close(MoCoV3Loss(tau)(q, k), ref)
+    # lightly's NT-Xent also uses the other queries as negatives and symmetrises: a different objective.
+    ntxent = NTXentLoss(temperature=tau, memory_bank_size=0)(q, k) * 2 * tau
+    assert not torch.allclose(ntxent, ref, rtol=1e-3)
+
+
+def test_ntxent_matches_simclr_formula():
+    a, b = _pairs()
+    tau, n = 0.5, len(a)
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    sim = z @ z.T / tau
+    sim.fill_diagonal_(float("-inf"))  # a sample is not its own negative
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    ref = F.cross_entropy(sim, positive)
+    torch.testing.assert_close(NTXentLoss(temperature=tau, gather_distributed=True)(a, b), ref)
+
+
+def test_byol_loss_is_negative_cosine():
+    p, z = _pairs()
+    ref = -(F.normalize(p, dim=1) * F.normalize(z, dim=1)).sum(1).mean()
+    torch.testing.assert_close(NegativeCosineSimilarity()(p, z), ref)
+
+
+def test_dino_loss_matches_formula_and_updates_centre():
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(4, 8, generator=g) for _ in range(2)]
+    student = [torch.randn(4, 8, generator=g) for _ in range(4)]  # 2 global + 2 local crops
+    loss_fn = DINOLoss(8, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+                       student_temp=0.1, center_momentum=0.9)
+    center = torch.randn(1, 1, 8, generator=g)
+    loss_fn.center.copy_(center)
+    terms = []
+    for ti, t in enumerate(teacher):  # H(softmax((t - c) / T_t), softmax(s / T_s)) over pairs of different views
+        pt = F.softmax((t - center[0]) / 0.04, dim=-1)
+        for si, s in enumerate(student):
+            if si != ti:
+                terms.append(-(pt * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean())
+    torch.testing.assert_close(loss_fn(teacher, student, epoch=0), torch.stack(terms).mean())
+    torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * torch.stack(teacher).mean((0, 1), keepdim=True))
+
+
+# -- EMA teacher ---------------------------------------------------------------------------------------------
+
+
+def _module(method: str, tiny, *extra: str):
+    cfg = compose(f"ssl/embedded_{method}", tiny(*SMALL, *extra))
+    return SSLModule(to_container(cfg), [str(i) for i in range(cfg.data.num_classes)])
+
+
+def test_momentum_update_and_tau_schedule(tiny):
+    module = _module("byol", tiny, "ssl.momentum_start=0.9", "ssl.momentum_end=1.0")
+    assert type(module).__name__ == "BYOL"
+    student = module.projector.layers[0].weight
+    teacher = module.teacher["projector"].layers[0].weight
+    assert torch.equal(student, teacher) and not teacher.requires_grad
+    with torch.no_grad():
+        student.add_(1.0)
+    before = teacher.clone()
+    module.update_teacher(0.9)
+    torch.testing.assert_close(teacher, 0.9 * before + 0.1 * student)
+    # cosine from momentum_start to momentum_end over the run
+    taus = [module.momentum_at(s, 101) for s in range(101)]
+    assert taus[0] == pytest.approx(0.9) and taus[-1] == pytest.approx(1.0) and taus[50] == pytest.approx(0.95)
+    assert all(a <= b for a, b in zip(taus, taus[1:]))
+
+
+# -- kNN metric ----------------------------------------------------------------------------------------------
+
+
+def _unit(deg: float) -> torch.Tensor:
+    r = math.radians(deg)
+    return torch.tensor([[math.cos(r), math.sin(r)]])
+
+
+def test_knn_toy_problem_with_known_answers():
+    bank = torch.cat([_unit(a) for a in (0, 5, 10, 80, 85, 90)])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    knn = WeightedKNN(num_classes=2, k=3, temperature=0.07)
+    knn.update(train_features=bank * 3.0, train_targets=labels)  # scale does not matter: cosine
+    knn.update(test_features=torch.cat([_unit(2), _unit(88), _unit(30)]), test_targets=torch.tensor([0, 1, 1]))
+    preds, _ = knn.predictions()
+    assert preds.tolist() == [0, 1, 0]
+    assert knn.compute().item() == pytest.approx(2 / 3)
+    # Weighted votes: one very close neighbour of class 1 outvotes two distant class-0 neighbours at T=0.07,
+    # while at a huge temperature the votes are nearly equal and the majority (class 0) wins.
+    bank = torch.cat([_unit(60), _unit(-60), _unit(0)])
+    for temperature, expected in ((0.07, 1), (100.0, 0)):
+        knn = WeightedKNN(num_classes=2, k=3, temperature=temperature)
+        knn.update(train_features=bank, train_targets=torch.tensor([0, 0, 1]))
+        knn.update(test_features=_unit(0), test_targets=torch.tensor([expected]))
+        assert knn.predictions()[0].item() == expected and knn.compute().item() == 1.0
+
+
+# -- LR scaling ----------------------------------------------------------------------------------------------
+
+
+def test_lr_scales_with_global_batch(tiny):
+    module = _module("mocov3", tiny, "data.batch_size=512", "optim.lr=4e-3", "optim.scale_lr_with_batch=true")
+    for devices, nodes, accumulate, expected in ((1, 1, 1, 8e-3), (2, 2, 1, 8e-3), (2, 2, 2, 16e-3)):
+        module._trainer = SimpleNamespace(num_devices=devices, num_nodes=nodes, accumulate_grad_batches=accumulate,
+                                          estimated_stepping_batches=100)
+        opt = module.configure_optimizers()["optimizer"]
+        main_groups = [g for g in opt.param_groups if g["weight_decay"] > 0]
+        assert main_groups and all(g["initial_lr"] == pytest.approx(expected) for g in main_groups)
+        assert module.global_batch_size() == 512 * accumulate
+    module._trainer = SimpleNamespace(num_devices=3, num_nodes=1, accumulate_grad_batches=1,
+                                      estimated_stepping_batches=100)
+    with pytest.raises(ValueError, match="data.batch_size=512"):
+        module.configure_optimizers()
+
+
+# -- pre-train, then the offline evaluations, then evaluate --------------------------------------------------
+
+
+def _metrics(run_root: Path, experiment: str) -> list[dict]:
+    files = sorted((run_root / experiment).rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
+    return [json.loads(p.read_text()) for p in files]
+
+
+def test_pretrain_then_linear_knn_finetune_and_evaluate(tiny, tmp_path):
+    runs = tmp_path / "runs"
+    args = tiny(*SMALL, "trainer.max_epochs=1")
+    assert main(["fit", "experiment=ssl/embedded_mocov3", *args]) == 0
+    pre = _metrics(runs, "ssl/embedded_mocov3")[-1]
+    assert 0.0 <= pre["val_knn_acc"] <= 1.0 and Path(pre["best_checkpoint"]).name == "best.ckpt"
+    ckpt = pre["last_checkpoint"]
+    assert type(load_module(ckpt, tasks=("ssl",))).__name__ == "MoCoV3"
+
+    for task in ("linear", "knn", "finetune"):
+        assert main([task, f"ckpt={ckpt}", *args]) == 0, task
+    linear, knn = _metrics(runs, "ssl/embedded_linear")
+    finetune = _metrics(runs, "ssl/embedded_finetune")[-1]
+    report_keys = {"accuracy", "macro_f1", "mean_class_recall", "per_class_recall", "confusion_matrix",
+                   "label_names", "num_images"}
+    for m, task in ((linear, "linear"), (knn, "knn"), (finetune, "finetune")):
+        assert report_keys <= set(m) and m["task"] == task and m["num_images"] == 32
+        assert m["backbone"] == "test_vit"
+
+    # evaluate accepts the probe's checkpoint and reproduces its test accuracy
+    assert main(["evaluate", f"ckpt={linear['best_checkpoint']}", "experiment=ssl/embedded_linear", *args]) == 0
+    evaluated = [m for m in _metrics(runs, "ssl/embedded_linear") if m["task"] == "evaluate"][-1]
+    assert evaluated["accuracy"] == pytest.approx(linear["accuracy"])
+    assert main(["linear", *args]) == 2  # no ckpt=: one clear error line
