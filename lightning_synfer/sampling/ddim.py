@@ -12,7 +12,6 @@ the sample's seed, so an image depends on its spec and seed only, not on the bat
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -204,7 +203,8 @@ class DDIMSampler:
         # EMA weights are swapped in by _ema() (UNet and AU adapter alike), so denoise uses the live ones.
         return self.gen.denoise(xin, tt, hidden, use_ema=False)
 
-    def _x0_images_fn(self, cond: Conditioner, x: torch.Tensor, t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _x0_images_fn(self, cond: Conditioner, x: torch.Tensor,
+                      t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """text_emb -> predicted clean images in [0, 1] (differentiable in text_emb): the fully conditional
         pass only, since the unconditional one does not depend on the text embedding."""
         def fn(text_emb: torch.Tensor) -> torch.Tensor:
@@ -216,7 +216,3 @@ class DDIMSampler:
             return ((images + 1) / 2).clamp(0, 1)
         return fn
 
-
-def guided_window_start(num_steps: int, window: float) -> int:
-    """Index of the first guided step: the last ceil(window * num_steps) steps are guided."""
-    return num_steps - max(1, math.ceil(window * num_steps - 1e-9))
