@@ -13,6 +13,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# Tiny models run fastest on one thread, and `make test` runs two pytest workers (one per core).
+torch.set_num_threads(1)
+
 # Shrinks any experiment to seconds on CPU: tiny embedded splits, tiny batches, no workers.
 TINY = [
     "trainer=cpu",

@@ -13,6 +13,7 @@ from lightning_synfer.config.generator import GeneratorConfig
 from lightning_synfer.config.ssl import SSLConfig
 from lightning_synfer.config.synthesis import (GenConfig, JudgeConfig, LayoutConfig, RealConfig, SamplingConfig,
                                                SemanticGuidanceConfig, SynthConfig)
+from lightning_synfer.config.pipeline import PipelineConfig
 
 
 @dataclass
@@ -191,6 +192,8 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     # the diffusion generator (lightning_synfer/config/generator.py)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    # the main job as stages (lightning_synfer/config/pipeline.py)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # Task families add their own section here (generator, labeler, ssl, synth, sweep, pipeline),
     # each a dataclass in lightning_synfer/config/<family>.py.
 

@@ -1,0 +1,25 @@
+"""Config section `pipeline`: the main job as a list of stages, each an ordinary run.py task."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    task: str = "fit"  # any task of lightning_synfer.cli.TASKS
+    experiment: str = ""
+    # Overrides may use {STAGE.ARTIFACT} for an earlier stage's artifact and {run} for this stage's run dir.
+    overrides: List[str] = field(default_factory=list)
+    # artifact name -> path relative to the stage's run dir (checked to exist when the stage finishes)
+    artifacts: Dict[str, str] = field(default_factory=dict)
+    title: str = ""  # shown in progress lines and report tables
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "${paths.runs_dir}/pipeline"
+    common: List[str] = field(default_factory=list)  # overrides applied to every stage
+    stages: List[StageConfig] = field(default_factory=list)
+    report: Dict[str, str] = field(default_factory=dict)  # report builder options (see pipeline/report.py)

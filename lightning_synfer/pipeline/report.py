@@ -1,0 +1,185 @@
+"""Paper-shaped Markdown tables and plots from a finished pipeline's stage records (metrics.json only).
+
+Tables by stage task: downstream classifiers (fit of a supervised family), generation quality
+(evaluate-generation), label rectification (label), SSL linear probes (linear / knn).
+Plots: accuracy against synthetic ratio, a sample grid per class of the synthetic set, confusion matrices.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from datamodules.atomic import atomic_path, atomic_write_text
+
+
+def _cfg(record: dict[str, Any]) -> dict[str, Any]:
+    path = Path(record["run_dir"]) / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _get(d: dict, dotted: str, default: Any = None) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return default
+        d = d[part]
+    return d
+
+
+def downstream_rows(stages: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = []
+    for rec in stages.values():
+        m = rec.get("metrics") or {}
+        if rec["task"] != "fit" or m.get("family") not in ("supervised",) or "test" not in m:
+            continue
+        cfg = _cfg(rec)
+        ratio = _get(cfg, "data.mix.synthetic_ratio", 0.0)
+        rows.append({"stage": rec["stage"], "ratio": ratio, "acc": m["test"]["accuracy"],
+                     "macro_f1": m["test"]["macro_f1"], "confusion": m["test"]["confusion_matrix"],
+                     "labels": m["test"]["label_names"], "synthetic": _get(cfg, "data.synthetic.root"),
+                     "version": _get(cfg, "data.synthetic.version")})
+    return rows
+
+
+def build_report(stages: dict[str, dict], out_dir: Path, titles: dict[str, str]) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# SynFER pipeline report (embedded miniature)", ""]
+    rows = downstream_rows(stages)
+    if rows:
+        lines += ["## Supervised FER: real, synthetic and mixed training data", "",
+                  "Test split of the embedded real faces (unseen identities).", "",
+                  "| stage | training data | synthetic ratio | accuracy | macro-F1 |", "|---|---|---|---|---|"]
+        for r in rows:
+            data = "real only" if r["ratio"] == 0 else "synthetic only" if r["ratio"] == 1 else "real + synthetic"
+            lines.append(f"| {titles.get(r['stage'], r['stage'])} | {data} | {r['ratio']:.2f} | "
+                         f"{_pct(r['acc'])} | {_pct(r['macro_f1'])} |")
+        lines.append("")
+        _plot_ratio(rows, out_dir / "accuracy_vs_ratio.png")
+        _plot_confusions(rows, out_dir / "confusion_matrices.png", titles)
+        lines += ["![accuracy vs ratio](accuracy_vs_ratio.png)", "", "![confusion](confusion_matrices.png)", ""]
+    gen = [r for r in stages.values() if r["task"] == "evaluate-generation"]
+    if gen:
+        lines += ["## Generation quality", "", "| stage | FER accuracy | AU MAE | AU acc@0.5 | FID | KID |",
+                  "|---|---|---|---|---|---|"]
+        for r in gen:
+            m = r.get("metrics") or {}
+            lines.append(f"| {titles.get(r['stage'], r['stage'])} | {_pct(_get(m, 'fer_accuracy'))} | "
+                         f"{_fmt(_get(m, 'au.mae'))} | {_pct(_get(m, 'au.accuracy'))} | {_fmt(_get(m, 'fid'))} | "
+                         f"{_fmt(_get(m, 'kid'))} |")
+        lines.append("")
+    lab = [r for r in stages.values() if r["task"] == "label"]
+    if lab:
+        lines += ["## Pseudo-label rectification", "", "| stage | records | agreement | changed | dropped |",
+                  "|---|---|---|---|---|"]
+        for r in lab:
+            m = r.get("metrics") or {}
+            lines.append(f"| {titles.get(r['stage'], r['stage'])} | {_get(m, 'num_records', '–')} | "
+                         f"{_pct(_get(m, 'agreement_rate'))} | {_get(m, 'num_changed', '–')} | "
+                         f"{_get(m, 'num_dropped', '–')} |")
+        lines.append("")
+    probes = [r for r in stages.values() if r["task"] in ("linear", "knn")]
+    if probes:
+        lines += ["## Self-supervised pre-training → probe on real data", "",
+                  "| stage | probe | accuracy | macro-F1 |", "|---|---|---|---|"]
+        for r in probes:
+            m = r.get("metrics") or {}
+            lines.append(f"| {titles.get(r['stage'], r['stage'])} | {r['task']} | {_pct(_get(m, 'accuracy'))} | "
+                         f"{_pct(_get(m, 'macro_f1'))} |")
+        lines.append("")
+    synth_dirs = [r["artifacts"]["dir"] for r in stages.values() if "dir" in r.get("artifacts", {})]
+    if synth_dirs:
+        grid = out_dir / "synthetic_samples.png"
+        if _sample_grid(Path(synth_dirs[-1]), grid):
+            lines += ["## Synthetic samples (one row per class)", "", "![samples](synthetic_samples.png)", ""]
+    lines += ["## Stages", "", "| # | stage | task | wall time (s) | run dir |", "|---|---|---|---|---|"]
+    for i, r in enumerate(stages.values(), 1):
+        lines.append(f"| {i} | {titles.get(r['stage'], r['stage'])} | {r['task']} | {r['wall_time_s']:.0f} | "
+                     f"`{r['run_dir']}` |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out_dir / "report.md", text)
+    return text
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _savefig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_ratio(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((r["ratio"], r["acc"]) for r in rows)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-")
+    ax.set_xlabel("synthetic ratio per batch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def _plot_confusions(rows: list[dict], path: Path, titles: dict[str, str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        cm = np.asarray(r["confusion"], dtype=float)
+        ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+        ax.set_title(titles.get(r["stage"], r["stage"]), fontsize=8)
+        ax.set_xticks(range(len(r["labels"])), [n[:3] for n in r["labels"]], fontsize=6, rotation=90)
+        ax.set_yticks(range(len(r["labels"])), [n[:3] for n in r["labels"]], fontsize=6)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def _sample_grid(root: Path, path: Path, per_class: int = 8) -> bool:
+    from PIL import Image
+
+    from datamodules.synthetic import read_manifest
+
+    try:
+        header, records = read_manifest(str(root))
+    except (FileNotFoundError, ValueError):
+        return False
+    names = header["label_names"]
+    by_class: dict[int, list[str]] = {}
+    for rec in records:
+        by_class.setdefault(rec["label"], []).append(rec["image"])
+    if not by_class:
+        return False
+    size = int(header.get("image_size") or 32)
+    grid = Image.new("L", (size * per_class, size * len(names)))
+    for row, _ in enumerate(names):
+        for col, rel in enumerate(by_class.get(row, [])[:per_class]):
+            with Image.open(root / rel) as img:
+                grid.paste(img.convert("L").resize((size, size)), (col * size, row * size))
+    scale = max(1, 96 // size)
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return True
+
+
+def load_stages(root: Path) -> dict[str, dict]:
+    data = json.loads((root / "pipeline.json").read_text())
+    return data["stages"]
