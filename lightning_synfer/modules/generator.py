@@ -161,6 +161,8 @@ class GeneratorModule(L.LightningModule):
                                                                                              TinyTextEncoder))) if frozen)
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
 
+        # Fixed at construction: the EMA swap must not depend on later requires_grad changes (e.g. a sampler freezing).
+        self._trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
         self.ema = None
         if g.ema:
             from diffusers.training_utils import EMAModel
@@ -189,7 +191,8 @@ class GeneratorModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that train (and that EMA tracks), in a fixed order; shared tensors once."""
-        return [p for _, p in self.named_parameters() if p.requires_grad]
+        params = dict(self.named_parameters())
+        return [params[n] for n in self._trainable_names]
 
     # -- the interface samplers use ---------------------------------------------------------------------
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
