@@ -50,6 +50,23 @@ def test_fast_dev_run(experiment, tiny):
     assert 0.0 <= metrics["val_knn_acc"] <= 1.0 and 0.0 <= metrics["val_linear_acc"] <= 1.0
 
 
+@pytest.mark.parametrize("experiment,synthetic_share", [("embedded_mocov3_synthetic", 1.0),
+                                                         ("embedded_mocov3_both", 0.5)])
+def test_pretraining_batches_mix_real_and_synthetic(experiment, synthetic_share, tiny):
+    from lightning_synfer.modules.ssl import SSLDataModule
+
+    cfg = compose(f"ssl/{experiment}", tiny(*SMALL, "data.synthetic.num_images=32", "ssl.aug.local_crops=0"))
+    dm = SSLDataModule(cfg, normalization=None)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch["image"], list) and len(batch["image"]) == 2
+    assert batch["image"][0].shape == (8, 1, 32, 32) and not torch.equal(batch["image"][0], batch["image"][1])
+    assert batch["domain"].float().mean().item() == pytest.approx(synthetic_share)
+    bank, val = dm.val_dataloader()  # kNN bank (real train, eval transform) first, then the real val split
+    assert len(bank.dataset) == 32 and all(r.domain == 0 for r in bank.dataset.records)
+    assert len(val.dataset) == 32
+
+
 def test_registry_and_config_errors(tiny):
     assert set(METHODS) == {"mocov3", "simclr", "byol", "dino"}
     with pytest.raises(ConfigError, match="ssl.method"):
