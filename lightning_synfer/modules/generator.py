@@ -326,10 +326,19 @@ class GeneratorModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=False)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # Validate the EMA weights; swapped once per epoch (a swap copies every trainable tensor).
+        self._val_ema = self.ema_weights()
+        self._val_ema.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        ctx, self._val_ema = getattr(self, "_val_ema", None), None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same noise every validation
-        with self.ema_weights():
-            loss = self.diffusion_loss(batch, gen, dropout=False)
+        loss = self.diffusion_loss(batch, gen, dropout=False)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
