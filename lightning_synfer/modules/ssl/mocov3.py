@@ -1,9 +1,12 @@
 """MoCo v3 (Chen, Xie & He, ICCV 2021): 3-layer BN projector, 2-layer predictor, momentum key encoder,
-symmetric ctr(q1, k2) + ctr(q2, k1) with keys gathered from every rank (losses/ssl.py: MoCoV3Loss)."""
+symmetric ctr(q1, k2) + ctr(q2, k1) with keys gathered from every rank (losses/ssl.py: MoCoV3Loss).
+Heads as in the official code: no linear biases, BN everywhere except the predictor's output, the
+projector's last BN without affine parameters."""
 from __future__ import annotations
 
 import torch
-from lightly.models.modules.heads import BYOLPredictionHead, MoCoProjectionHead
+import torch.nn as nn
+from lightly.models.modules.heads import ProjectionHead
 
 from lightning_synfer.losses.ssl import MoCoV3Loss
 from lightning_synfer.modules.ssl.momentum import MomentumSSL
@@ -13,9 +16,12 @@ class MoCoV3(MomentumSSL):
     def __init__(self, config, label_names, normalization=None) -> None:
         super().__init__(config, label_names, normalization)
         s = self.cfg.ssl
-        self.projector = MoCoProjectionHead(self.feat_dim, s.proj_hidden_dim, s.proj_output_dim,
-                                            num_layers=3, batch_norm=True)
-        self.predictor = BYOLPredictionHead(s.proj_output_dim, s.pred_hidden_dim, s.proj_output_dim)
+        hid, out = s.proj_hidden_dim, s.proj_output_dim
+        self.projector = ProjectionHead([(self.feat_dim, hid, nn.BatchNorm1d(hid), nn.ReLU()),
+                                         (hid, hid, nn.BatchNorm1d(hid), nn.ReLU()),
+                                         (hid, out, nn.BatchNorm1d(out, affine=False), None)])
+        self.predictor = ProjectionHead([(out, s.pred_hidden_dim, nn.BatchNorm1d(s.pred_hidden_dim), nn.ReLU()),
+                                         (s.pred_hidden_dim, out, None, None, False)])
         self.make_teacher("backbone", "projector")
         self.criterion = MoCoV3Loss(s.temperature, gather_distributed=True)
 
