@@ -51,7 +51,8 @@ class WeightedKNN(torchmetrics.Metric):
     @torch.no_grad()
     def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted class, target) for every test feature seen so far on every rank."""
-        if not self.train_features or not self.test_features:
+        # len(): states are lists locally and concatenated tensors after a DDP sync
+        if len(self.train_features) == 0 or len(self.test_features) == 0:
             raise ValueError("WeightedKNN: needs both a bank (train_features) and test_features before compute()")
         bank = dim_zero_cat(self.train_features)
         bank_targets = dim_zero_cat(self.train_targets)

@@ -2,8 +2,8 @@
 give the same (all-reduced, averaged, as DDP does) gradients as one process on the whole batch.
 
 What this checks: losses with negatives or batch statistics gather across ranks with correct gradients
-(NTXentLoss, MoCoV3Loss key gathering, DINO's all-reduced centre), and BatchNorm in the heads sees the
-global batch once synchronised. torch's SyncBatchNorm only runs on GPUs, so the 2-process run converts
+(NTXentLoss, MoCoV3Loss key gathering, DINO's all-reduced centre), the kNN metric votes over every rank's
+bank and queries, and BatchNorm in the heads sees the global batch once synchronised. torch's SyncBatchNorm only runs on GPUs, so the 2-process run converts
 every BatchNorm to `GatherBatchNorm`, a CPU equivalent built on lightly's differentiable all-gather (on
 GPUs `trainer.sync_batchnorm` does the same with nn.SyncBatchNorm). The backbone is timm's `test_vit`
 (LayerNorm: no batch statistics). Float64, so the 1e-5 tolerance has plenty of margin.
@@ -21,6 +21,7 @@ import torch.nn as nn
 from lightly.utils import dist as lightly_dist
 
 from lightning_synfer.config import compose, to_container
+from lightning_synfer.metrics.knn import WeightedKNN
 from lightning_synfer.modules.ssl import SSLModule
 
 METHODS = ("mocov3", "simclr", "byol", "dino")
@@ -103,10 +104,25 @@ def _worker(rank: int, port: int, tmp: str, states: dict) -> None:
                 dist.all_reduce(g)
                 g /= WORLD
             out[method] = grads
+        # The kNN metric gathers bank and queries from every rank before voting.
+        knn = WeightedKNN(num_classes=3, k=5)
+        (bank, bank_y), (test, test_y) = _knn_data()
+        knn.update(train_features=bank[rank::WORLD], train_targets=bank_y[rank::WORLD])
+        knn.update(test_features=test[rank::WORLD], test_targets=test_y[rank::WORLD])
+        out["knn_acc"] = knn.compute()
         if rank == 0:
             torch.save(out, os.path.join(tmp, "ddp_grads.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _knn_data():
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(3, 6, generator=g)
+    def sample(n):
+        y = torch.randint(0, 3, (n,), generator=g)
+        return centres[y] + 0.8 * torch.randn(n, 6, generator=g), y
+    return sample(40), sample(20)
 
 
 def _free_port() -> int:
@@ -134,6 +150,11 @@ def test_two_process_gradients_equal_single_process(tmp_path):
         reference[method] = _grads(module, _batch(method))
     mp.spawn(_worker, args=(_free_port(), tmp, states), nprocs=WORLD, join=True)
     ddp = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
+    knn = WeightedKNN(num_classes=3, k=5)
+    (bank, bank_y), (test, test_y) = _knn_data()
+    knn.update(train_features=bank, train_targets=bank_y)
+    knn.update(test_features=test, test_targets=test_y)
+    assert ddp["knn_acc"].item() == pytest.approx(knn.compute().item())
     for method in METHODS:
         ref, got = reference[method], ddp[method]
         assert set(ref) == set(got), method
