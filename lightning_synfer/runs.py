@@ -136,7 +136,10 @@ def prepare_run_dir(cfg: DictConfig, *, argv: Optional[list[str]] = None) -> Run
             path = find_resumable(cfg, digest)
             resumed_from = path
         if path is None:
-            stamp = os.environ.setdefault("SYNFER_RUN_STAMP", time.strftime("%Y%m%d-%H%M%S"))
+            if is_global_zero():
+                # A fresh stamp per run; DDP children that Lightning launches later inherit it.
+                os.environ["SYNFER_RUN_STAMP"] = time.strftime("%Y%m%d-%H%M%S")
+            stamp = os.environ.get("SYNFER_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
             path = _experiment_root(cfg) / f"{stamp}-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     (path / "checkpoints").mkdir(exist_ok=True)
