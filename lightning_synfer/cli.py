@@ -29,6 +29,8 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
                    "generate a labelled synthetic face set (gen.ckpt=... synth.num_images=N synth.out=DIR); resumable"),
     "evaluate-generation": ("lightning_synfer.tasks.evaluate_generation:run", "generator/evaluate_generation",
                             "judge a synthetic set (synth.dir=DIR judge.ckpt=... [real.root=DIR]): FER acc, AU error, FID/KID"),
+    "sweep": ("lightning_synfer.tasks.sweep:run", "sweeps/embedded_ratio",
+              "a grid of fit runs (sweep.grid.KEY=[v1,v2] ...; sweep.launcher=local|slurm); reruns skip finished points"),
 }
 DEFAULT_TASK = "demo"
 
@@ -36,6 +38,8 @@ DEFAULT_TASK = "demo"
 PLAIN_TASKS: dict[str, tuple[str, str]] = {
     "check-dataset": ("lightning_synfer.tasks.check_dataset:main",
                       "verify a synthetic or real dataset folder; exits 1 on any problem"),
+    "table": ("lightning_synfer.tasks.table:main",
+              "RUN_DIR... [--out DIR] [--group-by KEY ...]: mean ± std over seeds as Markdown/CSV, plots"),
 }
 
 

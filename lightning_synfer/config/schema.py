@@ -14,6 +14,7 @@ from lightning_synfer.config.ssl import SSLConfig
 from lightning_synfer.config.synthesis import (GenConfig, JudgeConfig, LayoutConfig, RealConfig, SamplingConfig,
                                                SemanticGuidanceConfig, SynthConfig)
 from lightning_synfer.config.pipeline import PipelineConfig
+from lightning_synfer.config.sweep import SweepConfig
 
 
 @dataclass
@@ -194,6 +195,8 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     # the main job as stages (lightning_synfer/config/pipeline.py)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # grids of runs and their launchers (lightning_synfer/config/sweep.py)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Task families add their own section here (generator, labeler, ssl, synth, sweep, pipeline),
     # each a dataclass in lightning_synfer/config/<family>.py.
 
