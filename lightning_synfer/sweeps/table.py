@@ -145,10 +145,15 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
 
 
 def order_metrics(names: Iterable[str]) -> list[str]:
+    """The PRIMARY metrics present, each followed by its macro-F1 sibling, then the rest by name."""
     names = set(names)
-    ranked = [m for m in PRIMARY if m in names]
-    f1 = [m.rsplit(".", 1)[0] + ".macro_f1" if "." in m else "macro_f1" for m in ranked]
-    ranked += [m for m in f1 if m in names and m not in ranked]
+    ranked: list[str] = []
+    for m in PRIMARY:
+        if m in names and m not in ranked:
+            ranked.append(m)
+            f1 = m.rsplit(".", 1)[0] + ".macro_f1" if "." in m else "macro_f1"
+            if f1 in names and f1 not in ranked:
+                ranked.append(f1)
     return ranked + sorted(names - set(ranked))
 
 
