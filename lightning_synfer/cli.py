@@ -17,8 +17,8 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
             "train the module family of the experiment (supervised, generator, labeler, ssl)"),
     "evaluate": ("lightning_synfer.tasks.evaluate:run", "supervised/embedded",
                  "evaluate a classifier checkpoint on data.test (writes metrics.json)"),
-    "demo": ("lightning_synfer.tasks.demo:run", "supervised/embedded",
-             "the main job on the embedded data (what `python run.py` runs)"),
+    "pipeline": ("lightning_synfer.tasks.pipeline:run", "pipeline/embedded",
+                 "the SynFER pipeline as cached stages (what `python run.py` runs), with paper-shaped tables"),
     "linear": ("lightning_synfer.tasks.linear:run", "ssl/embedded_linear",
                "linear probe of an SSL checkpoint (ckpt=...) on the experiment's labelled data"),
     "finetune": ("lightning_synfer.tasks.finetune:run", "ssl/embedded_finetune",
@@ -32,7 +32,7 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
     "sweep": ("lightning_synfer.tasks.sweep:run", "sweeps/embedded_ratio",
               "a grid of fit runs (sweep.grid.KEY=[v1,v2] ...; sweep.launcher=local|slurm); reruns skip finished points"),
 }
-DEFAULT_TASK = "demo"
+DEFAULT_TASK = "pipeline"
 
 # Tasks that do not compose a config (they take paths): name -> "module:function".
 PLAIN_TASKS: dict[str, tuple[str, str]] = {

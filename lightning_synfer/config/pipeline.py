@@ -20,6 +20,7 @@ class StageConfig:
 @dataclass
 class PipelineConfig:
     out: str = "${paths.runs_dir}/pipeline"
-    common: List[str] = field(default_factory=list)  # overrides applied to every stage
+    common: List[str] = field(default_factory=list)  # overrides applied to every stage, before its own
+    force: List[str] = field(default_factory=list)  # applied to every stage AFTER its own (shrinking for smoke runs)
     stages: List[StageConfig] = field(default_factory=list)
     report: Dict[str, str] = field(default_factory=dict)  # report builder options (see pipeline/report.py)

@@ -54,8 +54,9 @@ def _substitute(text: str, done: dict[str, dict[str, Any]], run_dir: Path, stage
     return PLACEHOLDER.sub(repl, text.replace("{run}", str(run_dir)))
 
 
-def stage_key(stage: DictConfig, common: list[str], done: dict[str, dict[str, Any]]) -> str:
-    overrides = [*common, *stage.overrides]
+def stage_key(stage: DictConfig, common: list[str], done: dict[str, dict[str, Any]],
+              force: tuple[str, ...] = ()) -> str:
+    overrides = [*common, *stage.overrides, *force]
     upstream = {name: done[name]["key"] for name in _upstream(overrides) if name in done}
     blob = json.dumps({"task": stage.task, "experiment": stage.experiment, "overrides": overrides,
                        "upstream": upstream}, sort_keys=True)
@@ -83,7 +84,7 @@ def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Call
     total = len(pipe.stages)
     started = time.perf_counter()
     for i, stage in enumerate(pipe.stages, 1):
-        key = stage_key(stage, common, done)
+        key = stage_key(stage, common, done, tuple(pipe.force))
         stage_dir = root / f"{i:02d}-{stage.name}-{key}"
         marker = stage_dir / "stage.json"
         title = stage.title or stage.name
@@ -92,7 +93,7 @@ def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Call
             log(f"[synfer] stage {i}/{total} {title}: cached ({stage_dir})")
             continue
         run_dir = stage_dir / "run"
-        overrides = [_substitute(o, done, run_dir, stage.name) for o in [*common, *stage.overrides]]
+        overrides = [_substitute(o, done, run_dir, stage.name) for o in [*common, *stage.overrides, *pipe.force]]
         overrides += [f"run_dir={run_dir}", "overwrite=true"]
         log(f"[synfer] stage {i}/{total} {title}: running `run.py {stage.task} experiment={stage.experiment}`")
         t0 = time.perf_counter()

@@ -67,3 +67,26 @@ def test_unknown_placeholder_is_a_config_error(tmp_path):
     cfg.pipeline.stages[1].overrides = ["ckpt={nope.ckpt}"]
     with pytest.raises(Exception, match="nope"):
         run_pipeline(cfg, log=lambda s: None)
+
+
+SMOKE = [
+    "trainer.max_epochs=1", "trainer.max_steps=2", "data.batch_size=8", "data.eval_batch_size=16",
+    "data.train.num_images=16", "data.val.num_images=16", "data.test.num_images=16",
+    "synth.num_images=16", "synth.batch_size=8", "sampling.steps=2", "ssl.online.knn_bank_size=16",
+]
+
+
+@pytest.mark.slow
+def test_main_pipeline_runs_end_to_end_shrunk(tmp_path, capsys):
+    """Every stage of experiments/pipeline/embedded.yaml, shrunk to a few steps, then the report."""
+    from lightning_synfer.tasks import pipeline as pipeline_task
+
+    cfg = compose("pipeline/embedded", [f"paths.runs_dir={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                                        f"pipeline.force={SMOKE}".replace("'", "")])
+    pipeline_task.run(cfg)
+    out = capsys.readouterr().out
+    assert "Supervised FER: real, synthetic and mixed" in out
+    assert "Self-supervised pre-training" in out
+    report_dir = tmp_path / "runs" / "pipeline" / "pipeline_embedded" / "report"
+    for name in ("report.md", "accuracy_vs_ratio.png", "confusion_matrices.png", "synthetic_samples.png"):
+        assert (report_dir / name).is_file(), name
