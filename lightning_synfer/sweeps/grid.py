@@ -123,7 +123,8 @@ def expand(grid: Mapping[str, Sequence[Any]]) -> list[Point]:
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
-        raise ConfigError(f"sweep.grid: repeated values give identical points {dupes}; expected distinct values per key")
+        raise ConfigError(f"sweep.grid: repeated values give identical points {dupes}; "
+                          f"expected distinct values per key")
     return points
 
 

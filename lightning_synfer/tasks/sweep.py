@@ -11,7 +11,6 @@ Every point is composed (validated) before anything runs; finished points (metri
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig

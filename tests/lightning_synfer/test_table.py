@@ -49,7 +49,8 @@ def test_table_mean_std_over_seeds(tmp_path):
     assert tables.group_keys == ["data.mix.synthetic_ratio"]
     assert tables.metrics == ["test.accuracy", "test.macro_f1", "best_val_acc"]
     md = (out / "table.md").read_text().splitlines()
-    assert md[0] == "| data.mix.synthetic_ratio | runs | seeds | test.accuracy (%) | test.macro_f1 (%) | best_val_acc (%) |"
+    assert md[0] == ("| data.mix.synthetic_ratio | runs | seeds | test.accuracy (%) | test.macro_f1 (%) "
+                     "| best_val_acc (%) |")
     assert md[2] == "| 0.0 | 3 | 0,1,2 | 75.00 ± 25.00 | 50.00 ± 25.00 | 75.00 ± 25.00 |"
     assert md[3] == "| 0.5 | 3 | 0,1,2 | 62.50 ± 0.00 | 50.00 ± 0.00 | 62.50 ± 0.00 |"
     assert md[4] == "| 1.0 | 1 | 0 | 25.00 | 12.50 | 25.00 |"  # one run: no std
