@@ -117,6 +117,18 @@ def is_global_zero() -> bool:
     return True
 
 
+def launcher_stamp() -> Optional[str]:
+    """A run-dir stamp that every rank of an externally launched job agrees on (torchrun, SLURM srun),
+    where processes start independently and cannot inherit one from rank 0."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("WORLD_SIZE", "1") != "1":
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        array = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"-{array}" if array else "")
+    return None
+
+
 def prepare_run_dir(cfg: DictConfig, *, argv: Optional[list[str]] = None) -> RunDir:
     """Create (or find, for resume=auto) the run directory and write config and provenance.
 
@@ -136,10 +148,12 @@ def prepare_run_dir(cfg: DictConfig, *, argv: Optional[list[str]] = None) -> Run
             path = find_resumable(cfg, digest)
             resumed_from = path
         if path is None:
-            if is_global_zero():
-                # A fresh stamp per run; DDP children that Lightning launches later inherit it.
-                os.environ["SYNFER_RUN_STAMP"] = time.strftime("%Y%m%d-%H%M%S")
-            stamp = os.environ.get("SYNFER_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
+            stamp = launcher_stamp()
+            if stamp is None:
+                if is_global_zero():
+                    # A fresh stamp per run; DDP children that Lightning launches later inherit it.
+                    os.environ["SYNFER_RUN_STAMP"] = time.strftime("%Y%m%d-%H%M%S")
+                stamp = os.environ.get("SYNFER_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
             path = _experiment_root(cfg) / f"{stamp}-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     (path / "checkpoints").mkdir(exist_ok=True)

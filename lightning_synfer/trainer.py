@@ -61,8 +61,9 @@ class PlainProgress(Callback):
         import time
 
         now = time.perf_counter()
-        if self._start is None:
+        if self._start is None:  # rate counts from the end of the first step (start-up excluded)
             self._start, self._seen = now, 0
+            return
         images = batch.get("image") if isinstance(batch, dict) else None
         if isinstance(images, (list, tuple)):
             images = images[0]
@@ -74,7 +75,7 @@ class PlainProgress(Callback):
                   f"/{trainer.estimated_stepping_batches} loss {float(loss) if loss is not None else float('nan'):.4f} "
                   f"{rate:.1f} img/s", flush=True)
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:  # after the module logged its metrics
         if trainer.is_global_zero and not trainer.sanity_checking:
             shown = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()
                      if k.startswith("val") and "/" in k and torch.is_tensor(v) and v.numel() == 1}

@@ -247,17 +247,18 @@ def validate(cfg: DictConfig) -> None:
 # Task families append range checks for their own sections here.
 VALIDATORS: list = []
 
-from lightning_synfer.config.synthesis import validate_synthesis  # noqa: E402
 
-VALIDATORS.append(validate_synthesis)
+def _register_family_validators() -> None:
+    # Imported here: the family sections import `_check`/`ConfigError` from this module.
+    from lightning_synfer.config.generator import validate_generator
+    from lightning_synfer.config.ssl import validate_ssl
+    from lightning_synfer.config.sweep import validate_sweep
+    from lightning_synfer.config.synthesis import validate_synthesis
 
-from lightning_synfer.config.ssl import validate_ssl  # noqa: E402
+    VALIDATORS.extend([validate_synthesis, validate_ssl, validate_generator, validate_sweep])
 
-VALIDATORS.append(validate_ssl)
 
-from lightning_synfer.config.generator import validate_generator  # noqa: E402
-
-VALIDATORS.append(validate_generator)
+_register_family_validators()
 
 
 def to_container(cfg: DictConfig) -> dict:
