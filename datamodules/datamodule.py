@@ -251,9 +251,7 @@ class FERDataModule(L.LightningDataModule):
             global_batch_size=self.data.batch_size, synthetic_ratio=self.data.mix.synthetic_ratio,
             synthetic_scale=self.data.mix.synthetic_scale, world_size=world, rank=rank, seed=self.cfg.seed)
         # ConcatDataset order matches the sampler's index space: real first, then synthetic.
-        dataset = ConcatDataset(parts) if len(parts) > 1 else parts[0]
-        if real is None and synth is not None:
-            dataset = ConcatDataset([_Empty(), synth])
+        dataset = SeededConcatDataset(parts if real is not None else [_Empty(), synth])
         return StatefulDataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
 
     def _eval_loader(self, name: str) -> DataLoader:
@@ -277,6 +275,23 @@ class FERDataModule(L.LightningDataModule):
     @property
     def num_skipped(self) -> int:
         return len(self.bad) + sum(len(d.bad) for d in self.datasets.values())
+
+
+class SeededConcatDataset(ConcatDataset):
+    """The training set: real then synthetic records, fetched a batch at a time. When the batch sampler hands a
+    `SeededBatch`, each item's augmentation draws from the torch RNG seeded with its own seed, and the global RNG
+    is left untouched, so augmentations do not depend on loader workers or on where a resumed run restarted."""
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        seeds = getattr(indices, "seeds", None)
+        if seeds is None:
+            return [self[i] for i in indices]
+        out = []
+        for i, seed in zip(indices, seeds):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out.append(self[i])
+        return out
 
 
 class _Empty(Dataset):

@@ -26,6 +26,28 @@ _SEED_MODULUS = 2**63
 _MAX_CACHED_PASSES = 4
 
 
+class SeededBatch(list):
+    """A batch of dataset indices (a plain list to every consumer) that also carries one augmentation seed per
+    item in ``seeds``. A dataset with ``__getitems__`` (the DataModule's training set) draws each item's random
+    augmentation from its own seed instead of the global RNG stream; it pickles to loader workers as it is."""
+
+    def __init__(self, indices: Any = (), seeds: Any = None) -> None:
+        super().__init__(indices)
+        self.seeds = list(seeds) if seeds is not None else None
+
+
+_MASK64 = (1 << 64) - 1
+_AUGMENT_SALT = 0xA06_0000_0000
+
+
+def augment_seed(seed: int, counter: int) -> int:
+    """A well-mixed 63-bit seed for sample number ``counter`` of the augmentation stream (splitmix64)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + _AUGMENT_SALT + int(counter) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & (_SEED_MODULUS - 1)
+
+
 def domain_of(index: int, num_real: int) -> int:
     """Domain of a ConcatDataset index: ``REAL_DOMAIN`` (0) for real samples, ``SYNTHETIC_DOMAIN`` (1) otherwise."""
     if index < 0:
@@ -254,7 +276,15 @@ class MixingBatchSampler(Sampler[list[int]]):
         for step in range(start, len(self)):
             shard = self._rank_shard(step)
             self._batches_done = step + 1
-            yield shard
+            yield SeededBatch(shard, self._sample_seeds(step, len(shard)))
+
+    def _sample_seeds(self, step: int, shard_len: int) -> list[int]:
+        """One augmentation seed per item of this rank's shard, from (seed, epoch, step, position in the global
+        batch): the same sample at the same step gets the same augmentation on any world size, with any number
+        of loader workers, and after a mid-epoch resume."""
+        first = self.rank * shard_len
+        base = (self.epoch * len(self) + step) * self.global_batch_size
+        return [augment_seed(self.seed, base + first + j) for j in range(shard_len)]
 
     def _fingerprint(self) -> dict[str, Any]:
         # world_size/rank are deliberately absent: global batches do not depend on them, so resuming on a

@@ -88,8 +88,14 @@ class RunDir:
         return atomic_write_json(self.metrics_path, metrics)
 
     def last_checkpoint(self) -> Optional[Path]:
-        last = self.checkpoints / "last.ckpt"
-        return last if last.is_file() else None
+        """The newest resumable checkpoint: last.ckpt, or Lightning's hpc_ckpt_N.ckpt (saved in the run dir on a
+        SLURM SIGUSR1 requeue) when that is newer."""
+        return newest_resumable(self.path)
+
+
+def newest_resumable(run_dir: Path) -> Optional[Path]:
+    found = [p for p in (run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def _experiment_root(cfg: DictConfig) -> Path:
@@ -97,13 +103,13 @@ def _experiment_root(cfg: DictConfig) -> Path:
 
 
 def find_resumable(cfg: DictConfig, digest: str) -> Optional[Path]:
-    """Newest run dir of the same config hash that has a last.ckpt and no metrics.json yet."""
+    """Newest run dir of the same config hash that has a last.ckpt (or hpc checkpoint)."""
     root = _experiment_root(cfg)
     if not root.is_dir():
         return None
     candidates = sorted(root.glob(f"*-{digest}"), reverse=True)
     for cand in candidates:
-        if (cand / "checkpoints" / "last.ckpt").is_file():
+        if newest_resumable(cand) is not None:
             return cand
     return None
 

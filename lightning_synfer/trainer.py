@@ -49,6 +49,32 @@ class RestoreLoaderState(Callback):
         trainer.fit_loop._load_combined_loader_states()
 
 
+class SeedEachBatch(Callback):
+    """Reseed the global RNGs (torch on every device, numpy, random) before every training batch from
+    (seed, epoch, batch index), so the model's own randomness (dropout, diffusion noise and timesteps, caption
+    dropout) at a batch does not depend on what ran before it: validation, loader start-up, or a restart.
+    With the per-sample augmentation seeds of the mixing sampler, a run resumed from any checkpoint continues
+    exactly as the uninterrupted run (bitwise on CPU with trainer.deterministic=true). Lightning does not store
+    RNG states in checkpoints, and restoring them would not help: a resumed run creates its loader iterators
+    (one global draw each) at other points than the uninterrupted one. Every rank uses the same seeds, as
+    seed_everything already does."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import random
+
+        import numpy as np
+
+        from datamodules.mixing import augment_seed
+
+        seed = augment_seed(self.seed ^ 0x5EED_BA7C, trainer.current_epoch * (1 << 32) + batch_idx)
+        torch.manual_seed(seed)  # CPU and every CUDA device
+        np.random.seed(seed % (1 << 32))
+        random.seed(seed)
+
+
 class PlainProgress(Callback):
     """One line every N steps and one per validation, for logs of batch jobs (no progress bar)."""
 
@@ -135,6 +161,8 @@ def build_trainer(
     """
     t = cfg.trainer
     cbs: list[Callback] = [StopOnNonFiniteLoss(), RestoreLoaderState()]
+    if cfg.get("seed") is not None:
+        cbs.append(SeedEachBatch(cfg.seed))
     loggers: list[Any] = []
     if run is not None:
         if cfg.logger.tensorboard:
@@ -147,11 +175,15 @@ def build_trainer(
                 cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", monitor=monitor,
                                            mode=mode, save_top_k=1, auto_insert_metric_name=False))
             # last.ckpt for resume: at every epoch end, and also every N steps when preemption is likely
-            # (Lightning's triggers are exclusive per callback, hence two).
-            cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True))
+            # (Lightning's triggers are exclusive per callback, hence two). Both overwrite the one last.ckpt:
+            # with Lightning's version counter, the second would find the first's file and write last-v1.ckpt,
+            # which resume=auto never reads.
+            cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True,
+                                       enable_version_counter=False))
             if t.checkpoint_every_n_steps:
                 cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True,
-                                           every_n_train_steps=t.checkpoint_every_n_steps))
+                                           every_n_train_steps=t.checkpoint_every_n_steps,
+                                           enable_version_counter=False))
             cbs.append(SaveOnPreemption(run))
     if loggers:
         cbs.append(LearningRateMonitor(logging_interval="step"))

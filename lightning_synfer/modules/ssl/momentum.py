@@ -48,11 +48,16 @@ class MomentumSSL(SSLBase):
         for student, teacher in self.momentum_pairs():
             update_momentum(student, teacher, m=tau)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Once per optimizer step (not per accumulated micro-batch), with tau of the step just taken.
-        step = self.trainer.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Once per optimizer step (not per accumulated micro-batch), with tau of the step just taken. Here and
+        # not in on_train_batch_end: callbacks' on_train_batch_end (ModelCheckpoint) runs before the module's,
+        # so a checkpoint written there would miss this step's teacher update and a resumed run would diverge.
+        step = self.trainer.global_step + 1  # Lightning counts the step once this hook has returned
         if step > self._last_step:
             self.momentum = self.momentum_at(step - 1, int(self.trainer.estimated_stepping_batches))
             self.update_teacher(self.momentum)
             self._last_step = step
-            self.log("train/tau", self.momentum)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/tau", self.momentum)

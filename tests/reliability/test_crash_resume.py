@@ -1,0 +1,159 @@
+"""Crash resume: a run killed with SIGKILL at a random step, then rerun with the same command + resume=auto,
+ends with exactly the weights of an uninterrupted run (bitwise on CPU, trainer.deterministic=true).
+
+Covers supervised, SSL (MoCo v3) and generator training, each with augmentation on, a synthetic stand-in mixed
+in at ratio 0.5 (the mixing sampler's mid-epoch position), the LR schedule, the generator's EMA and the RNG
+(per-sample augmentation seeds from the sampler, per-batch reseeding by `trainer.SeedEachBatch`).
+
+The killed run is a real `python run.py fit` subprocess; a watcher thread polls `D/checkpoints/last.ckpt`,
+freezes the process (SIGSTOP) once it holds the chosen step, notes the step on disk and sends SIGKILL. The
+uninterrupted reference and the resumed run go through the same CLI entry point in this process (one thread,
+like the subprocess), which saves two interpreter start-ups per family on a small shared CPU machine.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_synfer.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED = int(os.environ.get("SYNFER_RELIABILITY_SEED", random.SystemRandom().randrange(10_000)))
+
+# 32 real images, 4 real + 4 synthetic per step: 8 steps per epoch, 16 in all; last.ckpt every 3 steps.
+STEPS_PER_EPOCH, EPOCHS = 8, 2
+COMMON = [
+    "trainer=cpu", f"trainer.max_epochs={EPOCHS}", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "trainer.deterministic=true", "trainer.checkpoint_every_n_steps=3", "trainer.num_sanity_val_steps=0",
+    "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=16", "data.image_size=32",
+    "data.train.num_images=32", "data.val.num_images=16", "data.test=null",
+    "data.synthetic={format: embedded, split: train, num_images: 64, seed: 1000}", "data.mix.synthetic_ratio=0.5",
+    "logger.tensorboard=false",
+]
+SSL_SMALL = ["model.backbone=test_vit", "ssl.proj_hidden_dim=32", "ssl.pred_hidden_dim=32", "ssl.proj_output_dim=16",
+             "ssl.aug.local_size=16", "ssl.online.knn_bank_size=16"]
+FAMILIES = {
+    # test_resnet has batch norm (running stats) and dropout (model RNG); `fer` augmentation (data RNG).
+    "supervised": ("supervised/embedded", ["model.backbone=test_resnet", "model.drop_rate=0.2",
+                                           "data.augment.preset=fer"]),
+    "ssl": ("ssl/embedded_mocov3", SSL_SMALL),
+    "generator": ("generator/tiny_test", ["generator.sample_every_n_steps=0", "generator.export_on_fit_end=false",
+                                          "trainer.limit_val_batches=1"]),
+}
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("SYNFER_RUN_STAMP", None)
+    return env
+
+
+def launch(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=subprocess_env(), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def ckpt_step(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # not there yet (last.ckpt is replaced atomically, so never half-written)
+        return None
+
+
+class Watcher(threading.Thread):
+    """Sends `sig` to `proc` once `ckpt` holds global step >= `at_step`. For SIGKILL the process is frozen first
+    (SIGSTOP), so `self.step` is exactly the checkpoint a resumed run finds."""
+
+    def __init__(self, proc: subprocess.Popen, ckpt: Path, at_step: int, sig: int = signal.SIGKILL) -> None:
+        super().__init__(daemon=True)
+        self.proc, self.ckpt, self.at_step, self.sig = proc, ckpt, at_step, sig
+        self.step: int | None = None
+        self.sent = False
+
+    def run(self) -> None:
+        seen = None
+        while self.proc.poll() is None:
+            try:
+                stamp = self.ckpt.stat().st_mtime_ns
+            except FileNotFoundError:
+                stamp = None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                step = ckpt_step(self.ckpt)
+                if step is not None and step >= self.at_step:
+                    if self.sig == signal.SIGKILL:
+                        os.kill(self.proc.pid, signal.SIGSTOP)
+                        step = ckpt_step(self.ckpt)
+                    self.step = step
+                    os.kill(self.proc.pid, self.sig)
+                    self.sent = True
+                    return
+            time.sleep(0.01)
+
+
+def final_state(run: Path) -> dict:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return {"global_step": ckpt["global_step"], "state_dict": ckpt["state_dict"],
+            "optimizer": ckpt["optimizer_states"], "lr_schedulers": ckpt.get("lr_schedulers"),
+            "ema": ckpt.get("ema")}
+
+
+def assert_same(a, b, where: str = "") -> None:
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), f"differs at {where}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(map(str, a)) == sorted(map(str, b)), f"keys differ at {where}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"lengths differ at {where}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # embedded renders, shared by every run of this module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sigkill_then_resume_auto_equals_uninterrupted_run(family, tmp_path, shared_cache):
+    experiment, extra = FAMILIES[family]
+    rng = random.Random(f"{SEED}-{family}")
+    kill_at = rng.randint(2, STEPS_PER_EPOCH * EPOCHS - 5)
+    note = f"(SYNFER_RELIABILITY_SEED={SEED}, kill at step >= {kill_at})"
+    args = [f"experiment={experiment}", *COMMON, *extra, f"paths.cache_dir={shared_cache}",
+            f"paths.runs_dir={tmp_path / 'runs'}"]
+
+    killed_dir = tmp_path / "killed"
+    proc = launch(["fit", *args, f"run_dir={killed_dir}"], tmp_path / "killed.log")
+    watcher = Watcher(proc, killed_dir / "checkpoints" / "last.ckpt", kill_at)
+    watcher.start()
+    # The uninterrupted reference runs here meanwhile (both single-threaded).
+    assert main(["fit", *args, f"run_dir={tmp_path / 'full'}"]) == 0
+    proc.wait(timeout=300)
+    watcher.join(timeout=10)
+    log = (tmp_path / "killed.log").read_text(errors="replace")[-3000:]
+    assert watcher.sent and proc.returncode == -signal.SIGKILL, f"run was not killed {note}:\n{log}"
+    assert watcher.step is not None and kill_at <= watcher.step < STEPS_PER_EPOCH * EPOCHS, note
+    assert not (killed_dir / "metrics.json").exists()
+
+    assert main(["fit", *args, f"run_dir={killed_dir}", "resume=auto"]) == 0
+    full, resumed = final_state(tmp_path / "full"), final_state(killed_dir)
+    assert full["global_step"] == resumed["global_step"] == STEPS_PER_EPOCH * EPOCHS
+    if family == "generator":
+        assert full["ema"] and full["ema"]["optimization_step"] == STEPS_PER_EPOCH * EPOCHS
+    assert_same(full, resumed, f"{family} final checkpoint {note}")
