@@ -92,10 +92,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         target, default_experiment, _ = TASKS[task]
         cfg = compose(default_experiment, argv)
         _load(target)(cfg, [task, *argv])
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        # Bad input: one clear line, no traceback (SYNFER_DEBUG=1 shows it).
-        if os.environ.get("SYNFER_DEBUG"):
+    except Exception as exc:
+        # Bad input: one clear line, no traceback (SYNFER_DEBUG=1 shows it). Anything else is a bug: traceback.
+        if os.environ.get("SYNFER_DEBUG") or not _is_bad_input(exc, ConfigError):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _is_bad_input(exc: BaseException, config_error: type) -> bool:
+    import pickle
+
+    # Bad config/data/checkpoints; a checkpoint the safe (weights_only) unpickler refused; a diverged run.
+    clean: tuple = (config_error, FileNotFoundError, ValueError, pickle.UnpicklingError)
+    trainer = sys.modules.get("lightning_synfer.trainer")
+    if trainer is not None:
+        clean += (trainer.NonFiniteLossError,)
+    return isinstance(exc, clean)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the original message
+        text = text.splitlines()[-1]
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+

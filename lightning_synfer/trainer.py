@@ -36,6 +36,18 @@ class StopOnNonFiniteLoss(Callback):
                 f"{trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else 'the run dir'}. "
                 f"Lower optim.lr, enable trainer.gradient_clip_val, or check the data.")
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # A finite loss can still be followed by an update that makes the weights NaN/inf: never let such
+        # weights replace the previous good checkpoint (raising here aborts the write).
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite weights ({bad[:3]}) at global step {trainer.global_step}, epoch "
+                f"{trainer.current_epoch}; not saved, the last good checkpoint is kept in "
+                f"{trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else 'the run dir'}. "
+                f"Lower optim.lr, enable trainer.gradient_clip_val, or check the data.")
+
 
 class RestoreLoaderState(Callback):
     """Restore the train loader's mid-epoch position after a resume.

@@ -208,6 +208,10 @@ class GeneratorModule(L.LightningModule):
         if aus.ndim != 2 or aus.shape[1] != len(self.au_names):
             raise ValueError(f"AU vector of shape {tuple(aus.shape)}: expected (batch, {len(self.au_names)}) with "
                              f"intensities in [0, 1] ordered as {self.au_names}")
+        if aus.numel() and not bool(((aus >= 0) & (aus <= 1)).all()):  # also catches NaN (comparisons are False)
+            bad = aus[~((aus >= 0) & (aus <= 1))]
+            raise ValueError(f"AU intensities must be finite numbers in [0, 1] (ordered as {self.au_names}); "
+                             f"got {bad[:5].tolist()}")
         return self.au_adapter(aus)
 
     def conditioning(self, text_emb: torch.Tensor, au_tokens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -551,7 +555,11 @@ class GeneratorModule(L.LightningModule):
                                                               cache_size=module.gcfg.text_cache_size)
 
         def load_weights(suffix: str) -> None:
-            state = load_file(str(folder / f"unet{suffix}" / "diffusion_pytorch_model.safetensors"))
+            weights = folder / f"unet{suffix}" / "diffusion_pytorch_model.safetensors"
+            if not weights.is_file():
+                raise FileNotFoundError(f"generator export {folder}: missing {weights.relative_to(folder)} "
+                                        f"(the UNet weights; not a complete GeneratorModule.save_pretrained folder)")
+            state = load_file(str(weights))
             missing, unexpected = module.unet.load_state_dict(state, strict=False)
             missing = [k for k in missing if ".processor." not in k]
             if missing or unexpected:
