@@ -44,6 +44,18 @@ class FERClassifierModule(L.LightningModule):
         self.test_metrics = FERMetrics(self.num_classes)
         self.last_test_summary: Optional[dict[str, torch.Tensor]] = None
 
+    def build_backbone_and_head(self) -> None:
+        """timm backbone (local weights only) + linear head; input normalisation from the backbone."""
+        from lightning_synfer.models.backbones import create_backbone
+
+        m = self.cfg.model
+        self.backbone = create_backbone(
+            m.backbone, in_chans=self.cfg.data.channels, pretrained_path=m.pretrained_path,
+            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **dict(m.extra))
+        self.head = nn.Linear(self.backbone.num_features, self.num_classes)
+        if not self.normalization:
+            self.normalization = default_normalization(self.cfg, self.backbone)
+
     # -- shared evaluation -------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], metrics: FERMetrics, by_domain: bool) -> torch.Tensor:
         logits = self(batch["image"])

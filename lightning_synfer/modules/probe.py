@@ -14,8 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_synfer import optim
 from lightning_synfer.losses import SoftTargetCrossEntropy
-from lightning_synfer.models.backbones import create_backbone
-from lightning_synfer.modules.base import FERClassifierModule, default_normalization
+from lightning_synfer.modules.base import FERClassifierModule
 
 
 class SSLProbe(FERClassifierModule):
@@ -25,13 +24,7 @@ class SSLProbe(FERClassifierModule):
     def __init__(self, config: dict, label_names: Sequence[str], normalization: Optional[dict] = None) -> None:
         super().__init__(config, label_names, normalization)
         self.save_hyperparameters()
-        m = self.cfg.model
-        self.backbone = create_backbone(
-            m.backbone, in_chans=self.cfg.data.channels, pretrained_path=m.pretrained_path,
-            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **dict(m.extra))
-        self.head = nn.Linear(self.backbone.num_features, self.num_classes)
-        if not self.normalization:
-            self.normalization = default_normalization(self.cfg, self.backbone)
+        self.build_backbone_and_head()
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
         self.criterion = SoftTargetCrossEntropy(self.cfg.loss.label_smoothing, self.cfg.loss.class_weights)

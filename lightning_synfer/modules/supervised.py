@@ -10,8 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_synfer import optim
 from lightning_synfer.losses import SoftTargetCrossEntropy
-from lightning_synfer.models.backbones import create_backbone
-from lightning_synfer.modules.base import FERClassifierModule, default_normalization
+from lightning_synfer.modules.base import FERClassifierModule
 
 
 class SupervisedFER(FERClassifierModule):
@@ -21,13 +20,8 @@ class SupervisedFER(FERClassifierModule):
                  au_names: Optional[Sequence[str]] = None) -> None:
         super().__init__(config, label_names, normalization)
         self.save_hyperparameters()
+        self.build_backbone_and_head()
         m = self.cfg.model
-        self.backbone = create_backbone(
-            m.backbone, in_chans=self.cfg.data.channels, pretrained_path=m.pretrained_path,
-            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **dict(m.extra))
-        self.head = nn.Linear(self.backbone.num_features, self.num_classes)
-        if not self.normalization:
-            self.normalization = default_normalization(self.cfg, self.backbone)
         self.au_names = list(au_names or [])
         # Optional AU regression head: measures the AU error of generated faces (evaluate-generation).
         self.au_head = nn.Linear(self.backbone.num_features, len(self.au_names)) if m.au_head and self.au_names else None

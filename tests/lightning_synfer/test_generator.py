@@ -7,14 +7,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a shared, oversubscribed CPU one intra-op thread is several times faster than spinning workers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 from lightning_synfer.config import compose
 from lightning_synfer.config.compose import to_container
 from lightning_synfer.models.au_adapter import AUAttnProcessor

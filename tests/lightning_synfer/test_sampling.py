@@ -83,15 +83,6 @@ class TinyGen(L.LightningModule):
         return nullcontext()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CI box is shared: intra-op threads fighting other processes make a tiny UNet 20x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def gen():
     return TinyGen().eval().requires_grad_(False)

@@ -27,15 +27,6 @@ SMALL = ["model.backbone=test_vit", "ssl.proj_hidden_dim=32", "ssl.pred_hidden_d
          "data.train.num_images=32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared CPU: intra-op threads only oversubscribe the cores (10-100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- every method trains ------------------------------------------------------------------------------------
 
 

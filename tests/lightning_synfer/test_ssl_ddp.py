@@ -131,15 +131,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared CPU: intra-op threads only oversubscribe the cores (10-100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.ddp
 def test_two_process_gradients_equal_single_process(tmp_path):
     tmp = str(tmp_path)

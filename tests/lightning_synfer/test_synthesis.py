@@ -19,14 +19,6 @@ from lightning_synfer.config.compose import to_container
 from lightning_synfer.tasks import synthesize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared CPU box: oversubscribed threads make tiny models much slower
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def gen_export(tmp_path_factory):
     """A randomly initialised tiny generator (the real module), exported like `fit` does."""
