@@ -127,6 +127,7 @@ class ModelConfig:
     pretrained_path: Optional[str] = None  # local timm weights (.pth/.safetensors); never downloads
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    small_input: bool = False  # ResNet family: drop the stem max-pool for 32-64 px inputs
     au_head: bool = False  # optional AU-regression head (AU error of generated faces)
     au_loss_weight: float = 1.0
     channels_last: bool = False

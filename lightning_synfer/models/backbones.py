@@ -15,6 +15,7 @@ def create_backbone(
     pretrained_path: Optional[str] = None,
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
+    small_input: bool = False,
     **extra: Any,
 ) -> nn.Module:
     """A timm model without classifier (`num_classes=0`): forward gives pooled features.
@@ -29,11 +30,24 @@ def create_backbone(
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained_path:
-        if not os.path.isfile(pretrained_path):
-            raise FileNotFoundError(f"model.pretrained_path={pretrained_path}: no such file (timm weights, "
-                                    f".pth/.bin/.safetensors, are read from disk only; nothing is downloaded)")
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_path}, **kwargs)
-    return timm.create_model(name, pretrained=False, **kwargs)
+        model = _create_pretrained(name, pretrained_path, kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    if small_input:
+        # 32-64 px faces: a ResNet stem (stride-2 conv + max-pool) leaves a 1x1 map at the last stage;
+        # dropping the max-pool keeps 2x the resolution throughout, the usual CIFAR-style adaptation.
+        if not isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+            raise ValueError(f"model.small_input=true needs a backbone with a stem max-pool (ResNet family); "
+                             f"model.backbone={name!r} has none")
+        model.maxpool = nn.Identity()
+    return model
+
+
+def _create_pretrained(name: str, pretrained_path: str, kwargs: dict[str, Any]) -> nn.Module:
+    if not os.path.isfile(pretrained_path):
+        raise FileNotFoundError(f"model.pretrained_path={pretrained_path}: no such file (timm weights, "
+                                f".pth/.bin/.safetensors, are read from disk only; nothing is downloaded)")
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_path}, **kwargs)
 
 
 def normalization_for(model: nn.Module, channels: int, pretrained: bool) -> tuple[list[float], list[float]]:

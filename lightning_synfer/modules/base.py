@@ -51,7 +51,8 @@ class FERClassifierModule(L.LightningModule):
         m = self.cfg.model
         self.backbone = create_backbone(
             m.backbone, in_chans=self.cfg.data.channels, pretrained_path=m.pretrained_path,
-            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **dict(m.extra))
+            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, small_input=m.small_input,
+            **dict(m.extra))
         self.head = nn.Linear(self.backbone.num_features, self.num_classes)
         if not self.normalization:
             self.normalization = default_normalization(self.cfg, self.backbone)

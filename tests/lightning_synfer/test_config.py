@@ -73,3 +73,16 @@ def test_hash_ignores_volatile_keys():
     b = compose("supervised/embedded", ["resume=auto", "notes=hello"])
     c = compose("supervised/embedded", ["seed=3"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_small_input_drops_the_resnet_maxpool_and_rejects_others():
+    import torch
+
+    from lightning_synfer.models.backbones import create_backbone
+
+    plain = create_backbone("resnet18", in_chans=1)
+    small = create_backbone("resnet18", in_chans=1, small_input=True)
+    x = torch.zeros(1, 1, 32, 32)
+    assert plain.forward_features(x).shape[-1] == 1 and small.forward_features(x).shape[-1] == 2
+    with pytest.raises(ValueError, match="small_input"):
+        create_backbone("vit_tiny_patch16_224", in_chans=1, small_input=True, img_size=32)

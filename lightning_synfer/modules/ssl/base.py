@@ -120,7 +120,7 @@ class SSLBase(L.LightningModule):
         m = self.cfg.model
         self.backbone = create_backbone(
             m.backbone, in_chans=self.cfg.data.channels, pretrained_path=m.pretrained_path,
-            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, **dict(m.extra))
+            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate, small_input=m.small_input, **dict(m.extra))
         self.feat_dim = int(self.backbone.num_features)
         self.normalization = dict(normalization or default_normalization(self.cfg, self.backbone))
         online = self.cfg.ssl.online
