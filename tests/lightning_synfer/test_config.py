@@ -80,8 +80,8 @@ def test_small_input_drops_the_resnet_maxpool_and_rejects_others():
 
     from lightning_synfer.models.backbones import create_backbone
 
-    plain = create_backbone("resnet18", in_chans=1)
-    small = create_backbone("resnet18", in_chans=1, small_input=True)
+    plain = create_backbone("resnet18", in_chans=1).eval()
+    small = create_backbone("resnet18", in_chans=1, small_input=True).eval()
     x = torch.zeros(1, 1, 32, 32)
     assert plain.forward_features(x).shape[-1] == 1 and small.forward_features(x).shape[-1] == 2
     with pytest.raises(ValueError, match="small_input"):
