@@ -251,11 +251,12 @@ VALIDATORS: list = []
 def _register_family_validators() -> None:
     # Imported here: the family sections import `_check`/`ConfigError` from this module.
     from lightning_synfer.config.generator import validate_generator
+    from lightning_synfer.config.labeler import validate_labeler
     from lightning_synfer.config.ssl import validate_ssl
     from lightning_synfer.config.sweep import validate_sweep
     from lightning_synfer.config.synthesis import validate_synthesis
 
-    VALIDATORS.extend([validate_synthesis, validate_ssl, validate_generator, validate_sweep])
+    VALIDATORS.extend([validate_synthesis, validate_ssl, validate_generator, validate_sweep, validate_labeler])
 
 
 _register_family_validators()

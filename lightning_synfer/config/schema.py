@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from lightning_synfer.config.generator import GeneratorConfig
+from lightning_synfer.config.labeler import LabelConfig, LabelerConfig
 from lightning_synfer.config.ssl import SSLConfig
 from lightning_synfer.config.synthesis import (GenConfig, JudgeConfig, LayoutConfig, RealConfig, SamplingConfig,
                                                SemanticGuidanceConfig, SynthConfig)
@@ -198,6 +199,10 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # grids of runs and their launchers (lightning_synfer/config/sweep.py)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    # the diffusion-feature pseudo-labeler and label rectification (lightning_synfer/config/labeler.py)
+    labeler: LabelerConfig = field(default_factory=LabelerConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    labelers: List[str] = field(default_factory=list)  # `label`: the ensemble's checkpoints (any `evaluate`-able)
     # Task families add their own section here (generator, labeler, ssl, synth, sweep, pipeline),
     # each a dataclass in lightning_synfer/config/<family>.py.
 

@@ -14,6 +14,7 @@ MODULES: dict[str, str] = {
     "ssl": "lightning_synfer.modules.ssl:SSLModule",  # ssl.method picks MoCo v3 / SimCLR / BYOL / DINO
     "ssl_linear": "lightning_synfer.modules.probe:LinearProbe",
     "ssl_finetune": "lightning_synfer.modules.probe:FinetuneProbe",
+    "labeler": "lightning_synfer.modules.labeler:PseudoLabelerModule",  # diffusion-feature pseudo-labeler
 }
 
 
