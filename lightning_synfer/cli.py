@@ -29,6 +29,9 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
                    "generate a labelled synthetic face set (gen.ckpt=... synth.num_images=N synth.out=DIR); resumable"),
     "evaluate-generation": ("lightning_synfer.tasks.evaluate_generation:run", "generator/evaluate_generation",
                             "judge a synthetic set (synth.dir=DIR judge.ckpt=... [real.root=DIR]): FER acc, AU error, FID/KID"),
+    "label": ("lightning_synfer.tasks.label:run", "labeler/rectify",
+              "rectify a synthetic set's labels (synth.dir=DIR labelers=[CKPT,...] [label.min_confidence=P]); "
+              "writes manifest.v<N>.jsonl; resumable"),
     "sweep": ("lightning_synfer.tasks.sweep:run", "sweeps/embedded_ratio",
               "a grid of fit runs (sweep.grid.KEY=[v1,v2] ...; sweep.launcher=local|slurm); reruns skip finished points"),
 }
