@@ -95,6 +95,16 @@ def spatial_shape(num_queries: int, height: int, width: int) -> tuple[int, int]:
                      f"{height}x{width} UNet input")
 
 
+class KeepOutput:
+    """Forward hook: puts a block's output into slot i of a shared list."""
+
+    def __init__(self, sink: list, i: int) -> None:
+        self.sink, self.i = sink, int(i)
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.sink[self.i] = output[0] if isinstance(output, (tuple, list)) else output
+
+
 class DiffusionFeatureExtractor(nn.Module):
     """A frozen UNet instrumented for read-out: up-block outputs and cross-attention maps of one pass."""
 
@@ -119,19 +129,19 @@ class DiffusionFeatureExtractor(nn.Module):
             raise ValueError("DiffusionFeatureExtractor: the UNet has no up_blocks to hook (expected a diffusers "
                              "UNet2DConditionModel)")
         self.scale_channels: list[int] = [int(c) for c in reversed(unet.config.block_out_channels)]
+        # One list shared with the hooks and cleared in place (the hooks hold it: picklable for ddp_spawn).
         self._features: list[Optional[torch.Tensor]] = [None] * len(ups)
         for i, block in enumerate(ups):
-            block.register_forward_hook(self._hook(i))
+            block.register_forward_hook(KeepOutput(self._features, i))
 
-    def _hook(self, i: int):
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            self._features[i] = output[0] if isinstance(output, (tuple, list)) else output
-        return hook
+    def _clear(self) -> None:
+        self.store.maps.clear()
+        for i in range(len(self._features)):
+            self._features[i] = None
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        self.store.maps.clear()
-        self._features = [None] * len(self._features)
+        self._clear()
         # The UNet's own output is not needed; the hooks and processors keep what the labeler reads.
         self.unet(x_t, t, encoder_hidden_states=cond)
         features = list(self._features)
@@ -145,8 +155,7 @@ class DiffusionFeatureExtractor(nn.Module):
                 raise RuntimeError(f"DiffusionFeatureExtractor: cross-attention layer {name} did not run")
             h, w = spatial_shape(probs.shape[1], height, width)
             maps.append(probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], h, w))
-        self.store.maps.clear()
-        self._features = [None] * len(self._features)
+        self._clear()
         return features, maps
 
 
