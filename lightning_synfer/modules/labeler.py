@@ -159,7 +159,9 @@ def _from_sd_folder(root: Path, t: int, caption: str, seed: int) -> dict[str, An
     if (root / "text_encoder" / "config.json").is_file() and (root / "tokenizer").is_dir():
         from lightning_synfer.models.text_encoders import CLIPTextEncoder
 
-        cond = CLIPTextEncoder.from_folder(str(root), cache_size=0).encode([caption])[0].cpu()
+        # SD pads captions to the text model's positions (77); never more than it has.
+        positions = json.loads((root / "text_encoder" / "config.json").read_text()).get("max_position_embeddings", 77)
+        cond = CLIPTextEncoder.from_folder(str(root), max_length=int(positions), cache_size=0).encode([caption])[0].cpu()
     else:
         cond = _tiny_text_condition(int(unet.config.cross_attention_dim), 8, caption, seed)
     sched = _load_scheduler(root / "scheduler") if (root / "scheduler").is_dir() else _default_scheduler(vae is not None)

@@ -166,3 +166,26 @@ def test_bad_labeler_config_names_the_key(tiny, tmp_path):
         compose("labeler/embedded", tiny("labeler.dim=30", "labeler.heads=4"))
     with pytest.raises(FileNotFoundError, match="labeler.unet_path"):
         _module(tiny, f"labeler.unet_path={tmp_path}")
+
+
+def test_stable_diffusion_folder_reads_latents_of_the_vae(tiny, tmp_path):
+    import importlib.util
+
+    # The tiny SD folder builder of the generator tests (tests are not a package: load it by path).
+    spec = importlib.util.spec_from_file_location("_gen_tests", Path(__file__).with_name("test_generator.py"))
+    gen_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_tests)
+    sd = gen_tests.make_tiny_sd(tmp_path / "sd")
+    m = _module(tiny, "data.image_size=16", f"labeler.unet_path={sd}").eval()
+    assert m.frozen_spec["source"] == "sd" and m.latent_encoder is not None
+    x = torch.rand(2, 1, 16, 16) * 2 - 1  # grayscale in, RGB to the VAE
+    assert tuple(m.model_input(x).shape) == (2, 4, 8, 8)
+    features, maps = m.diffusion_features(x)
+    assert [tuple(f.shape[1:]) for f in features] == [(16, 8, 8), (8, 8, 8)]
+    assert len(maps) == 4 and all(a.shape[1] == 16 for a in maps)  # down 1 + up 2 + mid 1; CLIP has 16 positions
+    path = _save(m, tmp_path / "lab.ckpt")
+    with torch.no_grad():
+        ref = m(x)
+    shutil.rmtree(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(load_module(path)(x), ref)
