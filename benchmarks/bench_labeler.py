@@ -8,9 +8,9 @@ Profiles (random weights: speed does not depend on them):
     generator  the tiny generator of generator/embedded (16/32/64, cross-attention at 8x8, FAU adapter), 32 px gray
     sd         Stable Diffusion 1.5's UNet + VAE encoder shapes, 77 caption tokens, --size px RGB (use a GPU)
 
-Rows: "unet" = VAE encode (latent models) + a plain UNet forward, i.e. the same work without read-out; "features" = labeler.diffusion_features (VAE encode when latent,
-noise, instrumented UNet, maps reshaped); "labeler" = features + token branches + fusion + head (eval, no grad);
-"train step" = labeler forward + backward of the heads. Variants run interleaved rep by rep, medians reported.
+Rows: "unet" = VAE encode (latent models) + a plain UNet forward, i.e. the same work without read-out;
+"features" = labeler.diffusion_features (VAE encode, noise, instrumented UNet, maps reshaped); "labeler" =
+features + token branches + fusion + head (eval, no grad); "train step" = labeler forward + backward of the heads. Variants run interleaved rep by rep, medians reported.
 """
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         rate = args.batch / med
-        print(f"| {name} | {rate:.1f} | {med / base:.2f}x |" if rate >= 10 else f"| {name} | {rate:.3f} | {med / base:.2f}x |")
+        shown = f"{rate:.1f}" if rate >= 10 else f"{rate:.3f}"
+        print(f"| {name} | {shown} | {med / base:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ adapter mean the same thing. The cost is one extra Q/K projection per cross-atte
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch

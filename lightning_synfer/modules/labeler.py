@@ -20,14 +20,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_synfer import optim
@@ -161,10 +159,12 @@ def _from_sd_folder(root: Path, t: int, caption: str, seed: int) -> dict[str, An
 
         # SD pads captions to the text model's positions (77); never more than it has.
         positions = json.loads((root / "text_encoder" / "config.json").read_text()).get("max_position_embeddings", 77)
-        cond = CLIPTextEncoder.from_folder(str(root), max_length=int(positions), cache_size=0).encode([caption])[0].cpu()
+        encoder = CLIPTextEncoder.from_folder(str(root), max_length=int(positions), cache_size=0)
+        cond = encoder.encode([caption])[0].cpu()
     else:
         cond = _tiny_text_condition(int(unet.config.cross_attention_dim), 8, caption, seed)
-    sched = _load_scheduler(root / "scheduler") if (root / "scheduler").is_dir() else _default_scheduler(vae is not None)
+    sched = _load_scheduler(root / "scheduler") if (root / "scheduler").is_dir() \
+        else _default_scheduler(vae is not None)
     return {"unet": unet, "vae": vae, "cond": cond, "au": None, "alpha_bar": _alpha_bar(sched, t),
             "source": "sd"}
 
@@ -242,10 +242,12 @@ class PseudoLabelerModule(FERClassifierModule):
         kept_tokens = min(text_tokens, int(lab.attn_tokens)) if lab.attn_tokens else text_tokens
         d = int(lab.dim)
         self.feature_tokens = FeatureTokens(self.extractor.scale_channels, d)
-        self.attention_tokens = AttentionTokens(len(self.extractor.attention_layers), kept_tokens, int(lab.attn_grid), d)
+        self.attention_tokens = AttentionTokens(len(self.extractor.attention_layers), kept_tokens,
+                                                int(lab.attn_grid), d)
         self.fusion = nn.ModuleList(BidirectionalFusion(d, int(lab.heads), float(lab.dropout))
                                     for _ in range(int(lab.fusion_layers)))
-        self.head = nn.Sequential(nn.LayerNorm(2 * d), nn.Dropout(float(lab.dropout)), nn.Linear(2 * d, self.num_classes))
+        self.head = nn.Sequential(nn.LayerNorm(2 * d), nn.Dropout(float(lab.dropout)),
+                                  nn.Linear(2 * d, self.num_classes))
 
         loss = self.cfg.loss
         self.criterion = SoftTargetCrossEntropy(loss.label_smoothing, loss.class_weights)

@@ -174,7 +174,8 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, callbacks: Sequenc
         if not is_global_zero():
             return {}
         prev = written[settings]
-        print(f"[synfer] label: already done: {prev['manifest']} (version {prev['version']}); nothing to do", flush=True)
+        print(f"[synfer] label: already done: {prev['manifest']} (version {prev['version']}); nothing to do",
+              flush=True)
         summary = _read_json(Path(root) / f"label_summary.v{prev['version']}.json")
         return finish(run_dir, _metrics(summary, root, prev["manifest"], prev["version"], labelers, resumed=True))
 
@@ -222,7 +223,8 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, callbacks: Sequenc
                    bad_images=dict(list(bad.items())[:100]))
     atomic_write_json(Path(run_dir.path) / "label_summary.json", summary)
     atomic_write_json(Path(root) / f"label_summary.v{version}.json", summary)
-    _save_confusion(summary, [Path(run_dir.path) / "label_confusion.png", Path(root) / f"label_confusion.v{version}.png"],
+    _save_confusion(summary, [Path(run_dir.path) / "label_confusion.png",
+                              Path(root) / f"label_confusion.v{version}.png"],
                     f"{Path(root).name}: intended vs rectified (v{version})")
     written[settings] = {"manifest": path, "version": version}
     atomic_write_json(work / WRITTEN_FILE, written)
