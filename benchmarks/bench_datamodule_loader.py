@@ -10,7 +10,6 @@ Repeats alternate (mixing, plain, plain, mixing, ...) in one process.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time

@@ -62,6 +62,27 @@ def load_module(path: str | os.PathLike, *, tasks: Optional[Sequence[str]] = Non
     return module.eval()
 
 
+def init_weights_from(module: nn.Module, path: str | os.PathLike) -> None:
+    """`model.init_from`: copy a classifier checkpoint's weights into a freshly built module (warm start).
+
+    Shapes must match (same backbone, head and label space); the optimizer and schedule start anew.
+    """
+    ckpt = read_checkpoint(path)
+    source = ckpt["synfer"].get("label_names")
+    target = getattr(module, "label_names", None)
+    if source is not None and target is not None and list(source) != list(target):
+        raise CheckpointError(f"model.init_from={path}: classes {source} differ from this run's {target}")
+    own = module.state_dict()
+    mismatched = [k for k, v in ckpt["state_dict"].items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise CheckpointError(f"model.init_from={path}: shapes differ for {mismatched[:5]} "
+                              f"(is it the same model.backbone / model.small_input?)")
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"model.init_from={path}: weights do not match this module "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
 class ImageClassifier(nn.Module):
     """Any FER checkpoint as `images in [0, 1] (N, C, H, W) -> logits`, differentiable in the input."""
 

@@ -126,6 +126,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     pretrained_path: Optional[str] = None  # local timm weights (.pth/.safetensors); never downloads
+    init_from: Optional[str] = None  # warm start: weights of one of our classifier .ckpt files (fresh optimizer)
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     small_input: bool = False  # ResNet family: drop the stem max-pool for 32-64 px inputs
@@ -162,7 +163,7 @@ class LossConfig:
 class EvalConfig:
     """`evaluate` and the offline probes read the test set from data.test."""
 
-    tta_hflip: bool = False
+    tta_hflip: bool = False  # average the class probabilities of the image and its mirror (val, test, evaluate)
 
 
 @dataclass

@@ -75,7 +75,7 @@ def report(summary: dict[str, torch.Tensor], label_names: Sequence[str], *, num_
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    lines = [f"| metric | value |", "|---|---|",
+    lines = ["| metric | value |", "|---|---|",
              f"| accuracy | {100 * metrics['accuracy']:.2f} |",
              f"| macro-F1 | {100 * metrics['macro_f1']:.2f} |",
              f"| mean class recall | {100 * metrics['mean_class_recall']:.2f} |"]

@@ -58,8 +58,25 @@ class FERClassifierModule(L.LightningModule):
             self.normalization = default_normalization(self.cfg, self.backbone)
 
     # -- shared evaluation -------------------------------------------------------------------------
+    @property
+    def tta_hflip(self) -> bool:
+        """eval.tta_hflip: `evaluate` may switch it on for a checkpoint trained without it."""
+        return bool(getattr(self, "_tta_hflip", self.cfg.get("eval", {}).get("tta_hflip", False)))
+
+    @tta_hflip.setter
+    def tta_hflip(self, value: bool) -> None:
+        self._tta_hflip = bool(value)
+
+    def _eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self(images)
+        if self.tta_hflip:
+            # Mean of the two softmaxes, returned as log-probabilities so argmax and softmax stay valid.
+            probs = 0.5 * (logits.float().softmax(-1) + self(images.flip(-1)).float().softmax(-1))
+            logits = probs.clamp_min(1e-12).log()
+        return logits
+
     def _eval_step(self, batch: dict[str, Any], metrics: FERMetrics, by_domain: bool) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits = self._eval_logits(batch["image"])
         target = batch["label"]
         metrics.update(logits.detach(), target)
         if by_domain and "domain" in batch:

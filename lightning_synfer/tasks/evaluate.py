@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from datamodules.labels import CANONICAL_8, LabelSpace
+from datamodules.labels import LabelSpace
 from lightning_synfer.checkpoints import load_module
 from lightning_synfer.config.compose import ConfigError
 from lightning_synfer.metrics.fer import format_table, report
@@ -54,6 +54,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not cfg.ckpt:
         raise ConfigError("evaluate needs ckpt=PATH (a checkpoint written by fit, label or the probes)")
     module = load_module(cfg.ckpt, tasks=CLASSIFIER_TASKS)
+    module.tta_hflip = cfg.eval.tta_hflip
     run_dir = start_run(cfg, argv)
     dm, records, excluded = test_records(cfg, module.label_names, module.normalization)
     from torch.utils.data import DataLoader
@@ -71,7 +72,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
         trainer.test(module, dataloaders=loader, verbose=False)
     metrics = report(module.last_test_summary, module.label_names, extra={
         "task": "evaluate", "ckpt": str(cfg.ckpt), "test_root": cfg.data.test.root,
-        "test_format": cfg.data.test.format, "excluded_classes": excluded,
+        "test_format": cfg.data.test.format, "excluded_classes": excluded, "tta_hflip": module.tta_hflip,
         "num_skipped": dm.num_skipped + len(ds.bad), "wall_time_s": clock["wall_time_s"], **peak_memory_mb()})
     print(format_table(metrics), flush=True)
     return finish(run_dir, metrics)

@@ -44,11 +44,11 @@ def feature_extractor(cfg: DictConfig, judge: ImageClassifier) -> Any:
         if not j.inception_weights or not os.path.isfile(j.inception_weights):
             raise ConfigError(f"judge.features=inception needs judge.inception_weights=FILE (local torch-fidelity "
                               f"Inception weights; nothing is downloaded), got {j.inception_weights!r}")
-        try:
-            import torch_fidelity  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("torch_fidelity") is None:
             raise ConfigError("judge.features=inception needs the torch-fidelity package; "
-                              "use judge.features=backbone instead") from None
+                              "use judge.features=backbone instead")
         return 2048
     clf = judge if not j.feature_ckpt else ImageClassifier(load_module(j.feature_ckpt, tasks=CLASSIFIER_TASKS))
     return BackboneFeatures(clf)

@@ -18,6 +18,10 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     family = module_class(cfg.task)
     label_names = list(LabelSpace.from_num_classes(cfg.data.num_classes).names)
     module = family(**module_kwargs(cfg, label_names))
+    if cfg.model.get("init_from"):
+        from lightning_synfer.checkpoints import init_weights_from
+
+        init_weights_from(module, cfg.model.init_from)
     datamodule = family.build_datamodule(cfg, module, str(run_dir.path)) if hasattr(family, "build_datamodule") \
         else _default_datamodule(cfg, module, str(run_dir.path))
     trainer = build_trainer(cfg, run_dir, **getattr(family, "trainer_overrides", lambda c: {})(cfg))

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset

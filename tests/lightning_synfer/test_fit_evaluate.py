@@ -9,7 +9,7 @@ from fixtures import make_folder_dataset
 from lightning_synfer.checkpoints import CheckpointError, load_module
 from lightning_synfer.cli import main
 from lightning_synfer.config import compose
-from lightning_synfer.tasks import evaluate, fit
+from lightning_synfer.tasks import fit
 
 
 def _only_run_dir(root: Path) -> Path:
@@ -112,3 +112,41 @@ def test_finished_run_dir_is_not_overwritten(tiny, tmp_path):
     fit.run(cfg)
     assert main(["fit", *tiny("trainer.fast_dev_run=true", f"run_dir={tmp_path/'r'}")]) == 2
     assert main(["fit", *tiny("trainer.fast_dev_run=true", f"run_dir={tmp_path/'r'}", "overwrite=true")]) == 0
+
+
+def test_init_from_warm_starts_from_a_classifier_checkpoint(tiny, tmp_path):
+    """model.init_from copies a checkpoint's weights before training; another label space is refused."""
+    from lightning_synfer.checkpoints import init_weights_from
+    from lightning_synfer.modules.supervised import SupervisedFER
+
+    cfg = compose("supervised/embedded", tiny("trainer.max_epochs=1"))
+    fit.run(cfg)
+    ckpt = _only_run_dir(tmp_path / "runs") / "checkpoints" / "last.ckpt"
+    trained = load_module(ckpt)
+    fresh = SupervisedFER(config=trained.hparams["config"], label_names=trained.label_names)
+    assert not torch.equal(fresh.head.weight, trained.head.weight)
+    init_weights_from(fresh, ckpt)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    seven = compose("supervised/embedded", tiny("data.num_classes=7"))
+    other = SupervisedFER(config=seven, label_names=["neutral", "happy", "sad", "surprise", "fear", "disgust", "anger"])
+    with pytest.raises(CheckpointError, match="model.init_from"):
+        init_weights_from(other, ckpt)
+    # Through the config: a second run starts from the first run's weights and still trains.
+    warm = fit.run(compose("supervised/embedded", tiny("trainer.max_epochs=1", "seed=1", f"model.init_from={ckpt}")))
+    assert warm["global_step"] > 0
+
+
+def test_tta_hflip_averages_image_and_mirror_probabilities(tiny):
+    from lightning_synfer.modules.supervised import SupervisedFER
+
+    cfg = compose("supervised/embedded", tiny("eval.tta_hflip=true"))
+    module = SupervisedFER(config=cfg, label_names=[f"c{i}" for i in range(cfg.data.num_classes)]).eval()
+    assert module.tta_hflip
+    images = torch.rand(3, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    with torch.no_grad():
+        expected = 0.5 * (module(images).softmax(-1) + module(images.flip(-1)).softmax(-1))
+        got = module._eval_logits(images).softmax(-1)
+        assert torch.allclose(got, expected, atol=1e-5)
+        module.tta_hflip = False  # evaluate sets it from eval.tta_hflip for any checkpoint
+        assert torch.allclose(module._eval_logits(images), module(images))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from PIL import Image
 
 from datamodules.labels import CANONICAL_8
 from datamodules.records import BadImageError, load_image
-from fixtures import make_affectnet, make_folder_dataset, make_synthetic_set, write_image
+from fixtures import make_affectnet, make_folder_dataset, make_synthetic_set
 from lightning_synfer.cli import main
 from lightning_synfer.config import compose, to_container
 
