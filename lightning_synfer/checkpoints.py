@@ -33,6 +33,25 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def _deep_update(base: dict, stored: dict) -> dict:
+    out = dict(base)
+    for key, value in stored.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def with_schema_defaults(stored: dict) -> dict:
+    """A stored run config completed with today's schema defaults (older checkpoints stay loadable)."""
+    if not stored:
+        return stored
+    from omegaconf import OmegaConf
+
+    from lightning_synfer.config.schema import Config
+
+    return _deep_update(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True), stored)
+
+
 def load_module(path: str | os.PathLike, *, tasks: Optional[Sequence[str]] = None,
                 num_classes: Optional[int] = None) -> Any:
     """Rebuild the LightningModule a checkpoint came from, in eval mode on CPU."""
@@ -48,7 +67,8 @@ def load_module(path: str | os.PathLike, *, tasks: Optional[Sequence[str]] = Non
                               f"({meta['label_names']}); expected {num_classes}")
     hparams = dict(ckpt["hyper_parameters"])
     # The weights come from the checkpoint: never re-read (possibly absent) pretrained files.
-    config = dict(hparams.get("config", {}))
+    # Keys added to the schema after the checkpoint was written take their defaults.
+    config = with_schema_defaults(dict(hparams.get("config", {})))
     if isinstance(config.get("model"), dict):
         config["model"] = {**config["model"], "pretrained_path": None}
         hparams["config"] = config

@@ -53,6 +53,9 @@ class SSLProbeConfig:
     """Offline probes (`linear`, `finetune`): the backbone comes from ckpt=..., the data from this experiment."""
 
     backbone_lr_ratio: float = 0.1  # finetune: backbone lr = optim.lr x this (the head uses optim.lr)
+    # The control every SSL number needs: probe a randomly initialised backbone (seeded by `seed`) of the
+    # checkpoint's architecture and input format; the checkpoint's weights are not used.
+    random_init: bool = False
 
 
 @dataclass

@@ -22,6 +22,11 @@ class SupervisedFER(FERClassifierModule):
         self.save_hyperparameters()
         self.build_backbone_and_head()
         m = self.cfg.model
+        if au_names is None and m.au_head:
+            # Batches carry AUs in this one order (datamodules/procedural/aus.py), whatever the dataset.
+            from datamodules.procedural.aus import AU_NAMES
+
+            au_names = AU_NAMES
         self.au_names = list(au_names or [])
         # Optional AU regression head: measures the AU error of generated faces (evaluate-generation).
         self.au_head = nn.Linear(self.backbone.num_features, len(self.au_names)) if m.au_head and self.au_names else None

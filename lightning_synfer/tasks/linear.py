@@ -53,7 +53,9 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, kind: str = "linear")
     label_names = list(LabelSpace.from_num_classes(pcfg.data.num_classes).names)
     cls = LinearProbe if kind == "linear" else FinetuneProbe
     module = cls(config=to_container(pcfg), label_names=label_names, normalization=source.normalization)
-    module.load_backbone(source.backbone)
+    random_init = bool(pcfg.ssl.probe.random_init)
+    if not random_init:
+        module.load_backbone(source.backbone)
     del source
     dm = FERDataModule(pcfg, normalization=module.normalization, run_dir=str(run_dir.path))
     trainer = build_trainer(pcfg, run_dir)
@@ -63,7 +65,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, kind: str = "linear")
     best = cb.best_model_path if cb is not None and cb.best_model_path else None
     trainer.test(module, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
     metrics = report(module.last_test_summary, module.label_names, extra={
-        "task": kind, "ckpt": str(cfg.ckpt), "experiment": pcfg.experiment, "backbone": pcfg.model.backbone,
+        "task": kind, "ckpt": str(cfg.ckpt), "random_init": random_init, "experiment": pcfg.experiment, "backbone": pcfg.model.backbone,
         "test_root": pcfg.data.test.root, "test_format": pcfg.data.test.format,
         "best_val_acc": float(cb.best_model_score) if cb is not None and cb.best_model_score is not None else None,
         "best_checkpoint": best, "global_step": trainer.global_step, "train_wall_time_s": clock["wall_time_s"],

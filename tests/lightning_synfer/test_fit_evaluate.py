@@ -70,6 +70,11 @@ def test_evaluate_rejects_bad_checkpoints(tmp_path, tiny):
     with pytest.raises(CheckpointError, match="8 classes"):
         load_module(ckpt, num_classes=7)
     assert main(["evaluate", f"ckpt={tmp_path / 'nope.ckpt'}"]) == 2
+    # A checkpoint written before a schema key existed still loads (the key takes its default).
+    old = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del old["hyper_parameters"]["config"]["model"]["small_input"]
+    torch.save(old, tmp_path / "older.ckpt")
+    assert load_module(tmp_path / "older.ckpt").cfg.model.small_input is False
 
 
 def _weights(run: Path) -> dict:
@@ -150,3 +155,16 @@ def test_tta_hflip_averages_image_and_mirror_probabilities(tiny):
         assert torch.allclose(got, expected, atol=1e-5)
         module.tta_hflip = False  # evaluate sets it from eval.tta_hflip for any checkpoint
         assert torch.allclose(module._eval_logits(images), module(images))
+
+
+def test_au_head_is_built_and_saved_by_fit(tiny, tmp_path):
+    """model.au_head=true through `fit` (not only when a caller passes AU names) gives a judge with an AU head."""
+    from datamodules.procedural.aus import AU_NAMES
+
+    cfg = compose("supervised/embedded", tiny("model.au_head=true", "trainer.max_epochs=1"))
+    fit.run(cfg)
+    module = load_module(_only_run_dir(tmp_path / "runs") / "checkpoints" / "last.ckpt")
+    assert module.au_names == list(AU_NAMES)
+    size = cfg.data.image_size
+    aus = module.predict_aus(torch.rand(2, cfg.data.channels, size, size))
+    assert aus.shape == (2, len(AU_NAMES)) and bool(((aus >= 0) & (aus <= 1)).all())

@@ -224,3 +224,12 @@ def test_pretrain_then_linear_knn_finetune_and_evaluate(tiny, tmp_path):
     evaluated = [m for m in _metrics(runs, "ssl/embedded_linear") if m["task"] == "evaluate"][-1]
     assert evaluated["accuracy"] == pytest.approx(linear["accuracy"])
     assert main(["linear", *args]) == 2  # no ckpt=: one clear error line
+
+    # The random-init control: same architecture and probe, the checkpoint's weights unused.
+    assert main(["linear", f"ckpt={ckpt}", "ssl.probe.random_init=true", *args]) == 0
+    control = [m for m in _metrics(runs, "ssl/embedded_linear") if m.get("random_init")][-1]
+    source = load_module(ckpt, tasks=("ssl",)).backbone.state_dict()
+    probes = {"pre-trained": load_module(linear["best_checkpoint"]), "random": load_module(control["best_checkpoint"])}
+    same = {name: all(torch.equal(p.backbone.state_dict()[k], v) for k, v in source.items())
+            for name, p in probes.items()}
+    assert same == {"pre-trained": True, "random": False}
