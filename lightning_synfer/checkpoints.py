@@ -72,6 +72,11 @@ def load_module(path: str | os.PathLike, *, tasks: Optional[Sequence[str]] = Non
     if isinstance(config.get("model"), dict):
         config["model"] = {**config["model"], "pretrained_path": None}
         hparams["config"] = config
+    model_cfg = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model_cfg, dict) and model_cfg.get("au_head") and "au_head.weight" not in ckpt["state_dict"]:
+        # Written before model.au_head built its head through `fit`: the checkpoint has no AU head.
+        config["model"] = {**model_cfg, "au_head": False}
+        hparams["config"] = config
     if meta.get("normalization"):
         hparams["normalization"] = meta["normalization"]
     module = module_class(task)(**hparams)

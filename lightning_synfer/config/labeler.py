@@ -45,6 +45,7 @@ class LabelerConfig:
     heads: int = 4
     fusion_layers: int = 1  # bidirectional cross-attention blocks
     attn_grid: int = 8  # every attention map is resized to attn_grid x attn_grid
+    feature_grid: int = 4  # every up-block output is pooled to feature_grid x feature_grid tokens (1 = global)
     attn_tokens: int = 0  # text tokens whose maps are kept (0 = all; SD's 77 can be cut to e.g. 16)
     dropout: float = 0.1
 
@@ -74,6 +75,7 @@ def validate_labeler(cfg) -> None:
                f"a positive width divisible by labeler.heads={lab.heads}")
         _check(lab.fusion_layers >= 1, "labeler.fusion_layers", lab.fusion_layers, "at least 1")
         _check(lab.attn_grid >= 1, "labeler.attn_grid", lab.attn_grid, "a grid size >= 1")
+        _check(lab.feature_grid >= 1, "labeler.feature_grid", lab.feature_grid, "a grid size >= 1")
         _check(lab.attn_tokens >= 0, "labeler.attn_tokens", lab.attn_tokens, "0 (all) or a positive token count")
         _check(0.0 <= lab.dropout < 1.0, "labeler.dropout", lab.dropout, "a value in [0, 1)")
         tu = lab.tiny_unet

@@ -178,17 +178,34 @@ class BidirectionalFusion(nn.Module):
 
 
 class FeatureTokens(nn.Module):
-    """Branch 1: global-average-pool every scale, LayerNorm, Linear to dim, plus a learned scale embedding."""
+    """Branch 1: standardise every scale's channels (BatchNorm without affine, as in MAE's linear probing),
+    average-pool to a grid x grid map; each cell is a token (Linear to dim) with learned scale and position
+    embeddings.
 
-    def __init__(self, channels: list[int], dim: int) -> None:
+    Frozen features carry a large constant part per channel and a small image-dependent part; a per-token
+    LayerNorm kept the constant part and the heads stayed at chance on the tiny generator's features, while
+    per-channel standardisation over the data exposes the part that differs between faces.
+
+    Where on the face a feature fires is what tells expressions apart: one globally pooled token per scale
+    kept too little of it (a linear read-out of pooled tiny-generator features was near chance on the embedded
+    faces, 4 x 4 cells were not), so grid=1 is the global-pool variant and the default keeps a coarse layout.
+    """
+
+    def __init__(self, channels: list[int], dim: int, grid: int = 4) -> None:
         super().__init__()
-        self.proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(c), nn.Linear(c, dim)) for c in channels)
-        self.scale_embed = nn.Parameter(torch.zeros(len(channels), dim))
+        self.grid = int(grid)
+        self.norm = nn.ModuleList(nn.BatchNorm2d(c, affine=False) for c in channels)
+        self.proj = nn.ModuleList(nn.Linear(c, dim) for c in channels)
+        self.scale_embed = nn.Parameter(torch.zeros(len(channels), 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, dim))
         nn.init.normal_(self.scale_embed, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        tokens = [proj(f.float().mean(dim=(-2, -1))) for proj, f in zip(self.proj, features)]
-        return torch.stack(tokens, dim=1) + self.scale_embed  # (B, scales, dim)
+        tokens = [proj(F.adaptive_avg_pool2d(norm(f.float()), self.grid).flatten(2).transpose(1, 2))
+                  for norm, proj, f in zip(self.norm, self.proj, features)]  # each (B, grid^2, dim)
+        x = torch.stack(tokens, dim=1) + self.scale_embed + self.pos_embed  # (B, scales, grid^2, dim)
+        return x.flatten(1, 2)  # (B, scales * grid^2, dim)
 
 
 class AttentionTokens(nn.Module):
@@ -198,6 +215,9 @@ class AttentionTokens(nn.Module):
     def __init__(self, num_layers: int, num_tokens: int, grid: int, dim: int) -> None:
         super().__init__()
         self.grid, self.num_tokens = int(grid), int(num_tokens)
+        # LayerNorm over each map: with a fixed caption the maps differ between faces only by small spatial
+        # shifts of attention; standardising each map makes that pattern, not its tiny amplitude, the signal.
+        self.norm = nn.LayerNorm(self.grid * self.grid)
         self.proj = nn.Linear(self.grid * self.grid, dim)
         self.layer_embed = nn.Parameter(torch.zeros(num_layers, 1, dim))
         self.token_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
@@ -213,8 +233,7 @@ class AttentionTokens(nn.Module):
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         grids = torch.stack([self.resize(m.float()) for m in maps], dim=1)  # (B, L, T, g, g)
         b, layers, tokens = grids.shape[:3]
-        # Probabilities average 1/T over text tokens: rescale so the projection sees values around 1.
-        x = self.proj(grids.flatten(3) * tokens) + self.layer_embed + self.token_embed
+        x = self.proj(self.norm(grids.flatten(3))) + self.layer_embed + self.token_embed
         return x.reshape(b, layers * tokens, -1)  # (B, L*T, dim)
 
 

@@ -241,13 +241,17 @@ class PseudoLabelerModule(FERClassifierModule):
         text_tokens = int(spec["cond_shape"][0]) - num_au
         kept_tokens = min(text_tokens, int(lab.attn_tokens)) if lab.attn_tokens else text_tokens
         d = int(lab.dim)
-        self.feature_tokens = FeatureTokens(self.extractor.scale_channels, d)
+        self.feature_tokens = FeatureTokens(self.extractor.scale_channels, d, int(lab.feature_grid))
         self.attention_tokens = AttentionTokens(len(self.extractor.attention_layers), kept_tokens,
                                                 int(lab.attn_grid), d)
         self.fusion = nn.ModuleList(BidirectionalFusion(d, int(lab.heads), float(lab.dropout))
                                     for _ in range(int(lab.fusion_layers)))
-        self.head = nn.Sequential(nn.LayerNorm(2 * d), nn.Dropout(float(lab.dropout)),
-                                  nn.Linear(2 * d, self.num_classes))
+        # Read-out: the feature tokens flattened (their order is scale x position, so where a feature fires
+        # reaches the head; a mean over tokens threw that away and stayed at chance), plus the mean attention token.
+        num_feature_tokens = len(self.extractor.scale_channels) * int(lab.feature_grid) ** 2
+        self.readout_norm = nn.LayerNorm(d)
+        self.head = nn.Sequential(nn.Dropout(float(lab.dropout)),
+                                  nn.Linear((num_feature_tokens + 1) * d, self.num_classes))
 
         loss = self.cfg.loss
         self.criterion = SoftTargetCrossEntropy(loss.label_smoothing, loss.class_weights)
@@ -304,7 +308,8 @@ class PseudoLabelerModule(FERClassifierModule):
         a = self.attention_tokens(maps)
         for block in self.fusion:
             f, a = block(f, a)
-        return self.head(torch.cat([f.mean(1), a.mean(1)], dim=-1))
+        tokens = self.readout_norm(torch.cat([f, a.mean(1, keepdim=True)], dim=1))
+        return self.head(tokens.flatten(1))
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

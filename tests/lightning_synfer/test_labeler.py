@@ -73,12 +73,13 @@ def test_with_au_processors_only_text_tokens_are_kept_and_au_weights_still_apply
 
 
 def test_token_branches_and_fusion_block_shapes():
-    ft = FeatureTokens([32, 16, 8], 24)
+    ft = FeatureTokens([32, 16, 8], 24, grid=2)
     feats = [torch.randn(3, 32, 4, 4), torch.randn(3, 16, 8, 8), torch.randn(3, 8, 16, 16)]
     f = ft(feats)
+    assert FeatureTokens([32, 16, 8], 24, grid=1)(feats).shape == (3, 3, 24)  # global-pool variant
     at = AttentionTokens(num_layers=7, num_tokens=5, grid=6, dim=24)
     a = at([torch.rand(3, 5, s, s) for s in (4, 8, 16, 16, 8, 4, 2)])
-    assert f.shape == (3, 3, 24) and a.shape == (3, 7 * 5, 24)
+    assert f.shape == (3, 3 * 2 * 2, 24) and a.shape == (3, 7 * 5, 24)
     f2, a2 = BidirectionalFusion(24, 4)(f, a)
     assert f2.shape == f.shape and a2.shape == a.shape
     f2.sum().backward()
@@ -101,7 +102,7 @@ def test_only_the_heads_train_and_the_frozen_unet_stays_in_eval(tiny):
     m = _module(tiny).train()
     assert not m.extractor.training and all(not p.requires_grad for p in m.extractor.parameters())
     trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable == {"feature_tokens", "attention_tokens", "fusion", "head"}
+    assert trainable == {"feature_tokens", "attention_tokens", "fusion", "readout_norm", "head"}
     logits = m(torch.rand(2, 1, 32, 32) * 2 - 1)
     logits.sum().backward()
     assert m.head[-1].weight.grad is not None and logits.shape == (2, 8)
