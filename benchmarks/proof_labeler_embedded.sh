@@ -5,7 +5,7 @@
 #                       supervised module on that set with intended (manifest v1) and rectified (v2) labels;
 #                       both are tested on real embedded test faces.
 #   GEN=<generator export> bash benchmarks/proof_labeler_embedded.sh train OUT
-#   SYN=<synthetic set> LABELER=<ckpt> OTHER=<ckpt> bash benchmarks/proof_labeler_embedded.sh downstream OUT
+#   SYN=<synthetic set> LABELERS=<ckpt>,<ckpt>,... bash benchmarks/proof_labeler_embedded.sh downstream OUT
 set -euo pipefail
 PHASE=${1:?train|downstream}; OUT=${2:?output folder}
 PY=${PY:-.venv/bin/python}
@@ -15,8 +15,8 @@ if [ "$PHASE" = train ]; then
   "$PY" run.py fit experiment=labeler/embedded "labeler.unet_path=$GEN" "${common[@]}" "run_dir=$OUT/labeler_diffusion" 2>&1 | tail -n 22
   "$PY" run.py fit experiment=labeler/embedded_timm "${common[@]}" "run_dir=$OUT/labeler_timm" 2>&1 | tail -n 22
 else
-  : "${SYN:?SYN=synthetic set}" "${LABELER:?LABELER=diffusion labeler ckpt}" "${OTHER:?OTHER=second classifier ckpt}"
-  "$PY" run.py label experiment=labeler/rectify "synth.dir=$SYN" "labelers=[$LABELER,$OTHER]" "${common[@]}" \
+  : "${SYN:?SYN=synthetic set}" "${LABELERS:?LABELERS=comma-separated ensemble checkpoints}"
+  "$PY" run.py label experiment=labeler/rectify "synth.dir=$SYN" "labelers=[$LABELERS]" "${common[@]}" \
       "run_dir=$OUT/label" 2>&1 | tail -n 12
   for version in 1 2; do
     "$PY" run.py fit experiment=supervised/embedded "${common[@]}" data.image_size=32 model.small_input=true \

@@ -87,6 +87,7 @@ def test_main_pipeline_runs_end_to_end_shrunk(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Supervised FER: real, synthetic and mixed" in out
     assert "Self-supervised pre-training" in out
+    assert "Pseudo-label rectification" in out
     report_dir = tmp_path / "runs" / "pipeline" / "pipeline_embedded" / "report"
     for name in ("report.md", "accuracy_vs_ratio.png", "confusion_matrices.png", "synthetic_samples.png"):
         assert (report_dir / name).is_file(), name
