@@ -155,7 +155,8 @@ class FERDataModule(L.LightningDataModule):
 
         if not ds_cfg.root:
             raise ValueError(f"{key}.root is not set; {key}.format={ds_cfg.format} needs a dataset folder")
-        loaded = load_records(ds_cfg.format, ds_cfg.root, ds_cfg.split, self.label_space, key=f"{key}.root")
+        loaded = load_records(ds_cfg.format, ds_cfg.root, ds_cfg.split, self.label_space, key=f"{key}.root",
+                              version=ds_cfg.get("version"))
         skipped = list(loaded.skipped)  # the adapter already logged a summary of these
         records = list(loaded)
         if ds_cfg.format == "synthetic":

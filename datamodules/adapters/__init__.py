@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 from datamodules import synthetic as synthetic_format
 from datamodules.adapters.affectnet import AffectNetLabelError, load_affectnet
@@ -30,13 +30,14 @@ class EmptyDatasetError(ValueError):
     """An adapter found no usable images for the requested split."""
 
 
-def load_synthetic(root: str, split: str, label_space: LabelSpace) -> RecordList:
+def load_synthetic(root: str, split: str, label_space: LabelSpace, version: Optional[int] = None) -> RecordList:
     """Adapter: a synthetic set (see datamodules.synthetic). Uses `root/<split>/` if that is a
-    synthetic set of its own, else `root` (synthetic sets usually have no splits)."""
+    synthetic set of its own, else `root` (synthetic sets usually have no splits). `version` picks a
+    manifest version (1 = labels as generated); None takes the newest (e.g. rectified labels)."""
     split_root = os.path.join(root, split)
     if os.path.isfile(os.path.join(split_root, synthetic_format.HEADER_FILE)):
         root = split_root
-    return synthetic_format.records_from_manifest(root, label_space)
+    return synthetic_format.records_from_manifest(root, label_space, version)
 
 
 ADAPTERS: dict[str, Adapter] = {
@@ -52,7 +53,7 @@ _SHOWN_SKIPS = 5
 
 
 def load_records(format: str, root: str, split: str, label_space: LabelSpace, *,
-                 key: str = "data.?.root") -> RecordList:
+                 key: str = "data.?.root", version: Optional[int] = None) -> RecordList:
     """List the records of one dataset split.
 
     format: one of ADAPTERS; root: dataset folder; split: train / val / test;
@@ -71,7 +72,11 @@ def load_records(format: str, root: str, split: str, label_space: LabelSpace, *,
     if not os.path.isdir(path):
         raise DatasetRootNotFoundError(f"{key}={root}: {path} is a file, expected the dataset folder")
 
-    records = ADAPTERS[fmt](path, split, label_space)
+    if version is not None and fmt != "synthetic":
+        raise ValueError(f"{key.rsplit('.', 1)[0]}.version={version}: only synthetic sets have manifest versions "
+                         f"(format is {fmt})")
+    records = ADAPTERS[fmt](path, split, label_space, version) if version is not None \
+        else ADAPTERS[fmt](path, split, label_space)
     if records.skipped:
         shown = "; ".join(records.skipped[:_SHOWN_SKIPS])
         more = f" (and {len(records.skipped) - _SHOWN_SKIPS} more)" if len(records.skipped) > _SHOWN_SKIPS else ""

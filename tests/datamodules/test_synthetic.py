@@ -218,3 +218,20 @@ def test_no_manifest_yet(tmp_path):
     assert newest_version(str(tmp_path)) == 0
     with pytest.raises(FileNotFoundError, match="manifest.jsonl"):
         read_manifest(str(tmp_path))
+
+
+def test_data_synthetic_version_reaches_the_datamodule(tmp_path):
+    """data.synthetic.version=1 trains on the labels as generated even when a rectified v2 exists."""
+    from datamodules.adapters import load_records
+    from datamodules.labels import LabelSpace
+
+    root = make_synthetic_set(tmp_path / "syn", n=4)
+    _, records = read_manifest(str(root))
+    write_manifest(str(root), [dict(r, label=(r["label"] + 1) % 7, label_source="rectifier") for r in records])
+    space = LabelSpace.from_num_classes(7)
+    original = [r.label for r in load_records("synthetic", str(root), "train", space, version=1)]
+    newest = [r.label for r in load_records("synthetic", str(root), "train", space)]
+    assert newest == [(x + 1) % 7 for x in original]
+    assert [r.label for r in load_records("synthetic", str(root), "train", space, version=2)] == newest
+    with pytest.raises(ValueError, match="data.train.version"):
+        load_records("folder", str(root), "train", space, key="data.train.root", version=1)
