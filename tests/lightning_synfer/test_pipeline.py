@@ -88,6 +88,9 @@ def test_main_pipeline_runs_end_to_end_shrunk(tmp_path, capsys):
     assert "Supervised FER: real, synthetic and mixed" in out
     assert "Self-supervised pre-training" in out
     assert "Pseudo-label rectification" in out
+    # synthetic-only on the intended labels (v1) and on the rectified ones (v2), side by side
+    assert "| synthetic only | 1.00 | intended (v1) |" in out
+    assert "| synthetic only | 1.00 | rectified (v2) |" in out
     report_dir = tmp_path / "runs" / "pipeline" / "pipeline_embedded" / "report"
     for name in ("report.md", "accuracy_vs_ratio.png", "confusion_matrices.png", "synthetic_samples.png"):
         assert (report_dir / name).is_file(), name
