@@ -98,6 +98,13 @@ def save_unet_folder(unet: UNet2DConditionModel, folder: Path) -> None:
     save_file(merged_unet_state(unet), str(folder / "diffusion_pytorch_model.safetensors"))
 
 
+def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) at the sampled timesteps' alpha_bar:
+    min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets; SNR = a / (1 - a)."""
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    return torch.clamp(snr, max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+
+
 class GeneratorModule(L.LightningModule):
     task_name = "generator"
 
@@ -317,11 +324,8 @@ class GeneratorModule(L.LightningModule):
         pred = self.unet(x_t, t, encoder_hidden_states=cond).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if g.snr_gamma:
-            # Min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR for eps, / (SNR + 1) for v.
-            ac = self.alphas_cumprod.to(self.device)[t]
-            snr = ac / (1 - ac)
-            w = torch.clamp(snr, max=g.snr_gamma) / (snr + 1 if self.prediction_type == "v_prediction" else snr)
-            per_sample = per_sample * w
+            per_sample = per_sample * min_snr_weights(self.alphas_cumprod.to(self.device)[t], g.snr_gamma,
+                                                      self.prediction_type)
         return per_sample.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

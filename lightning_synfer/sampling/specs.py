@@ -156,16 +156,23 @@ def read_captions_file(path: str, label_names: Sequence[str]) -> tuple[list[str]
         raise FileNotFoundError(f"synth.captions_file={path}: no such file (one caption per line)")
     free: list[str] = []
     pinned: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if "\t" in line:
-                label, text = line.split("\t", 1)
-                pinned.setdefault(canonical_name(label, source=f"{path}:{lineno}"), []).append(text.strip())
-            else:
-                free.append(line)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+    except UnicodeDecodeError as exc:  # the codec's message names neither the file nor what was expected
+        raise ValueError(f"synth.captions_file={path}: not UTF-8 text ({exc}); expected one caption per line") from exc
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")  # not strip(): 'happy<TAB>' must stay a pinned line, not become a caption
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if "\t" in line:
+            label, text = line.split("\t", 1)
+            if not text.strip():
+                raise ValueError(f"synth.captions_file={path}:{lineno}: class {label.strip()!r} has an empty "
+                                 f"caption; expected 'class<TAB>caption'")
+            pinned.setdefault(canonical_name(label.strip(), source=f"{path}:{lineno}"), []).append(text.strip())
+        else:
+            free.append(line.strip())
     if not free and not pinned:
         raise ValueError(f"synth.captions_file={path}: no captions (expected one per line)")
     canon = [canonical_name(n) for n in label_names]

@@ -189,3 +189,101 @@ def test_sd_profile_lora_on_tiny_sd_folder(tiny, tmp_path):
     assert loaded.text_encoder.kind == "clip" and not any("lora_" in n for n, _ in loaded.named_parameters())
     after = _outputs(loaded)
     assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
+
+
+def test_validation_grid_is_logged_to_tensorboard_and_deterministic(tiny, tmp_path):
+    """A real (non fast_dev_run) fit: fast_dev_run swaps in a DummyLogger, so only max_steps reaches TensorBoard."""
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torchvision.utils import make_grid
+
+    run = tmp_path / "run"
+    metrics = fit.run(compose("generator/tiny_test", tiny(
+        "trainer.max_steps=2", "trainer.limit_val_batches=0", "generator.sample_every_n_steps=1",
+        "generator.sample_steps=2", "generator.export_on_fit_end=false", f"run_dir={run}")))
+    assert metrics["steps"] == 2
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
+    assert {"samples", "samples_final"} <= set(acc.Tags()["images"])
+    grids, final = acc.Images("samples"), acc.Images("samples_final")
+    assert [e.step for e in grids] == [1, 2] and [e.step for e in final] == [2]
+
+    def pixels(event):
+        return np.asarray(Image.open(BytesIO(event.encoded_image_string)).convert("RGB"))
+
+    # One row of 8 class samples (32 px, grayscale shown as RGB) with make_grid's 2-pixel padding.
+    assert (grids[-1].height, grids[-1].width) == (32 + 4, 8 * 34 + 2)
+    assert pixels(grids[-1]).shape == (36, 274, 3) and pixels(grids[-1]).std() > 0
+    # Same weights, same fixed captions/AUs/seed: the grid at step 2 and the final grid are the same image.
+    assert np.array_equal(pixels(grids[-1]), pixels(final[0]))
+    # ... and they are this model's samples: recomputed from the checkpoint's EMA weights.
+    m = GeneratorModule.load(str(run / "checkpoints" / "last.ckpt")).eval()
+    captions, aus = m.sample_conditions()
+    images = m.sample(captions, aus, steps=2, guidance=m.gcfg.sample_guidance, seed=m.gcfg.sample_seed)
+    expected = (make_grid((images + 1) / 2, nrow=8).clamp(0, 1) * 255).permute(1, 2, 0).numpy()
+    assert np.abs(pixels(final[0]).astype(float) - expected).max() <= 1  # TensorBoard truncates to uint8
+
+
+def test_min_snr_weights_match_the_formula_and_weight_the_loss(tiny):
+    from diffusers.training_utils import compute_snr
+
+    from lightning_synfer.modules.generator import min_snr_weights
+
+    gamma = 5.0
+    for prediction in ("epsilon", "v_prediction"):
+        m = _module(tiny, f"generator.prediction_type={prediction}", "generator.snr_gamma=null").eval()
+        t = torch.tensor([0, 10, 100, 400, 700, 999])
+        snr = compute_snr(m.noise_scheduler, t)  # diffusers' own SNR: (alpha_t / sigma_t)^2
+        w = min_snr_weights(m.alphas_cumprod[t], gamma, prediction)
+        expected = torch.minimum(snr, torch.tensor(gamma)) / (snr + 1 if prediction == "v_prediction" else snr)
+        torch.testing.assert_close(w, expected, rtol=1e-4, atol=1e-6)
+        assert (snr[:2] > gamma).all() and (snr[-2:] < gamma).all()  # both regimes are covered
+        if prediction == "epsilon":
+            assert (w[:2] < 1).all() and torch.equal(w[-2:], torch.ones(2))  # only low-noise steps are damped
+        else:
+            assert (w < 1).all()
+        # The loss is the plain per-sample MSE times the weight of the drawn timestep.
+        seen: list[torch.Tensor] = []
+        m.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+        batch = _batch(m, b=1)
+        ratios = []
+        for seed in range(4):
+            with torch.no_grad():
+                m.gcfg.snr_gamma = None
+                plain = m.diffusion_loss(batch, torch.Generator().manual_seed(seed))
+                m.gcfg.snr_gamma = gamma
+                weighted = m.diffusion_loss(batch, torch.Generator().manual_seed(seed))
+            assert torch.equal(seen[-1], seen[-2])
+            ratios.append(float(weighted / plain))
+            torch.testing.assert_close(weighted / plain,
+                                       min_snr_weights(m.alphas_cumprod[seen[-1]], gamma, prediction)[0])
+        assert min(ratios) < 0.95  # the seeds draw damped timesteps, so the check above has teeth
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, monkeypatch):
+    import torch.utils.checkpoint as checkpoint_utils
+
+    calls = []
+    real = checkpoint_utils.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_utils, "checkpoint", counting)  # diffusers looks it up at call time
+    results = []
+    for on in (False, True):
+        calls.clear()
+        m = _module(tiny, f"generator.gradient_checkpointing={str(on).lower()}").train()
+        assert m.unet.is_gradient_checkpointing == on
+        loss = m.diffusion_loss(_batch(m), torch.Generator().manual_seed(0))
+        loss.backward()
+        assert bool(calls) == on  # the checkpointed blocks really ran (and only when asked)
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-6, atol=1e-7)
+    assert grads_on.keys() == grads_off.keys() and len(grads_on) > 10
+    for name, g in grads_off.items():
+        torch.testing.assert_close(grads_on[name], g, rtol=1e-5, atol=1e-7, msg=name)

@@ -193,3 +193,21 @@ def test_stable_diffusion_folder_reads_latents_of_the_vae(tiny, tmp_path):
     shutil.rmtree(sd)
     with torch.no_grad():
         torch.testing.assert_close(load_module(path)(x), ref)
+
+
+def test_fit_on_a_plain_diffusers_unet_folder(tiny, tmp_path):
+    """labeler.unet_path = a bare UNet2DConditionModel.save_pretrained folder: no generator export, no SD folder."""
+    folder = tmp_path / "unet"
+    unet = _unet()  # 16 px, 1 channel, cross-attention width 16
+    unet.save_pretrained(folder)
+    extra = ("data.image_size=16", f"labeler.unet_path={folder}")
+    m = _module(tiny, *extra).eval()
+    assert m.frozen_spec["source"] == "diffusers-unet" and m.latent_encoder is None
+    assert m.conditioning.shape[-1] == 16  # a fixed caption encoding at the UNet's width
+    # The folder's weights, not a fresh random UNet.
+    saved, loaded = unet.state_dict(), m.extractor.unet.state_dict()
+    assert saved.keys() <= loaded.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items())
+    features, maps = m.diffusion_features(torch.rand(2, 1, 16, 16) * 2 - 1)
+    assert [f.shape[1] for f in features] == [32, 16, 8] and len(maps) == 7
+    metrics = fit.run(compose("labeler/embedded", tiny(*extra, "trainer.fast_dev_run=true")))
+    assert metrics["family"] == "labeler" and metrics["global_step"] == 1

@@ -1,6 +1,7 @@
 """DDIM + CFG determinism, semantic guidance, inversion, specs (tiny stand-in generator, CPU, seconds)."""
 from __future__ import annotations
 
+import re
 import zlib
 from contextlib import nullcontext
 
@@ -16,7 +17,7 @@ from datamodules.procedural.aus import AU_NAMES
 from lightning_synfer.sampling import (DDIMSampler, SamplerSettings, SemanticGuidance, build_specs, ddim_invert,
                                        split_prediction)
 from lightning_synfer.sampling.ddim import Conditioner
-from lightning_synfer.sampling.specs import AUStats, class_counts, spec_seed
+from lightning_synfer.sampling.specs import AUStats, class_counts, read_captions_file, spec_seed, specs_from_config
 
 DIM, TOKENS = 32, 6
 
@@ -219,3 +220,86 @@ def test_specs_class_balance_and_determinism():
     stats = AUStats({"happy": np.full((3, len(AU_NAMES)), 0.25)}, AU_NAMES)
     specs = build_specs(14, names, AU_NAMES, seed=0, au_stats=stats)
     assert all(s.aus[0] == 0.25 for s in specs if names[s.label] == "happy")
+
+
+def _captions_file(path):
+    path.write_text("# happy and sad have their own captions; every other class uses the template\n"
+                    "happy\ta beaming face\nHappiness\ta grinning face\n\nsad\ta tearful face\n"
+                    "a photo of a {expression} person\n", encoding="utf-8")
+    return path
+
+
+def test_specs_take_captions_from_the_file_per_class_and_by_seed(tmp_path):
+    names = list(CANONICAL_8[:7])
+    path = _captions_file(tmp_path / "captions.txt")
+    captions = read_captions_file(str(path), names)
+    assert captions == (["a photo of a {expression} person"],
+                        {"happy": ["a beaming face", "a grinning face"], "sad": ["a tearful face"]})
+    specs = build_specs(70, names, AU_NAMES, seed=1, captions=captions)
+    by_class = {n: {s.caption for s in specs if names[s.label] == n} for n in names}
+    assert by_class["happy"] == {"a beaming face", "a grinning face"}  # pinned lines, both drawn among 10
+    assert by_class["sad"] == {"a tearful face"}
+    assert by_class["anger"] == {"a photo of a angry person"}  # {expression} becomes the class word
+    assert by_class["surprise"] == {"a photo of a surprised person"}
+    again = [s.caption for s in build_specs(70, names, AU_NAMES, seed=1, captions=captions)]
+    assert again == [s.caption for s in specs]
+    other = build_specs(70, names, AU_NAMES, seed=2, captions=captions)
+    assert [s.caption for s in other if names[s.label] == "happy"] != [s.caption for s in specs
+                                                                       if names[s.label] == "happy"]
+    # The same through the synthesis config key.
+    from lightning_synfer.config import compose
+
+    cfg = compose("generator/synthesize_embedded", [f"synth.captions_file={path}", "synth.au_source=emfacs",
+                                                    "synth.num_images=70", "synth.seed=1"])
+    assert [s.to_dict() for s in specs_from_config(cfg, names, AU_NAMES)] == [s.to_dict() for s in specs]
+
+
+def test_bad_captions_file_names_the_file(tmp_path):
+    names = list(CANONICAL_8[:7])
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"synth.captions_file={missing}: no such file")):
+        read_captions_file(str(missing), names)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a {expression} face\nhapy\ta smiling face\n")
+    with pytest.raises(ValueError, match=re.escape(f"'hapy' in {bad}:2") + r".*Did you mean 'happy'"):
+        read_captions_file(str(bad), names)
+    bad.write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match=re.escape(f"synth.captions_file={bad}: no captions")):
+        read_captions_file(str(bad), names)
+    bad.write_text("happy\ta smiling face\n")  # pinned lines only, and not for every class
+    with pytest.raises(ValueError, match=re.escape(f"synth.captions_file={bad}: no caption for classes ['neutral'")):
+        read_captions_file(str(bad), names)
+    bad.write_bytes(b"\xff\xfe\x00a caption in UTF-16\n")
+    with pytest.raises(ValueError, match=re.escape(f"synth.captions_file={bad}: not UTF-8 text")):
+        read_captions_file(str(bad), names)
+    bad.write_text("a {expression} face\nhappy\t\n")  # a pinned line with nothing after the tab
+    with pytest.raises(ValueError, match=re.escape(f"synth.captions_file={bad}:2: class 'happy' has an empty caption")):
+        read_captions_file(str(bad), names)
+
+
+def test_gaussian_aus_follow_the_class_mean_and_covariance_and_the_seed():
+    k = len(AU_NAMES)
+    rng = np.random.default_rng(0)
+    mean = np.linspace(0.3, 0.7, k)
+    happy = mean + 0.05 * rng.standard_normal((500, k))
+    happy[:, 1] = happy[:, 0] - mean[0] + mean[1]  # AU2 moves with AU1: a covariance, not only a mean
+    sad = 0.02 + 0.05 * rng.standard_normal((500, k))  # mostly below 0 after a draw: clipped to [0, 1]
+    stats = AUStats({"happy": happy, "sad": sad}, AU_NAMES)
+    names = ["happy", "sad"]
+    specs = build_specs(800, names, AU_NAMES, seed=0, au_stats=stats, au_sampling="gaussian")
+    assert all(len(s.aus) == k and all(0.0 <= a <= 1.0 for a in s.aus) for s in specs)
+    got = {n: np.array([s.aus for s in specs if names[s.label] == n]) for n in names}
+    assert len(got["happy"]) == len(got["sad"]) == 400
+    np.testing.assert_allclose(got["happy"].mean(0), happy.mean(0), atol=0.015)
+    np.testing.assert_allclose(got["happy"].std(0), happy.std(0), rtol=0.2)
+    corr = np.corrcoef(got["happy"], rowvar=False)
+    assert corr[0, 1] > 0.99 and abs(corr[0, 2]) < 0.2
+    assert (got["sad"] == 0).mean() > 0.2 and got["sad"].mean() < 0.1  # the class's own statistics, clipped
+    # Draws, not training rows (that would be the empirical mode).
+    rows = {tuple(np.round(r, 6)) for r in happy}
+    assert not any(tuple(v) in rows for v in got["happy"])
+    # Deterministic by seed, also with a fresh AUStats (no state carried in its cache).
+    fresh = AUStats({"happy": happy, "sad": sad}, AU_NAMES)
+    again = build_specs(800, names, AU_NAMES, seed=0, au_stats=fresh, au_sampling="gaussian")
+    assert [s.aus for s in again] == [s.aus for s in specs]
+    assert build_specs(800, names, AU_NAMES, seed=1, au_stats=fresh, au_sampling="gaussian")[0].aus != specs[0].aus

@@ -3,6 +3,7 @@ and evaluate-generation (FER accuracy, AU error, FID/KID with backbone features)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,25 @@ def test_real_generator_sampling_is_deterministic(gen_export):
     assert torch.equal(a, sampler.sample(caps, aus, [11, 12, 13, 14]))
     b = sampler.sample(caps[2:], aus[2:], [13, 14])
     torch.testing.assert_close(b, a[2:], atol=1e-4, rtol=0)
+
+
+class PostfixSpy(Callback):
+    """Reads the predict bar's postfix after each batch (callbacks given to run() come after the writer)."""
+
+    def __init__(self) -> None:
+        self.postfixes: list[str] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.postfixes.append(trainer.progress_bar_callback.predict_progress_bar.postfix)
+
+
+def test_progress_bar_shows_images_per_second(tmp_path, gen_export, capsys):
+    spy = PostfixSpy()
+    args = _overrides(tmp_path, gen_export, tmp_path / "synth", "synth.num_images=4",
+                      "trainer.enable_progress_bar=true")
+    synthesize.run(compose("generator/synthesize_embedded", args), callbacks=[spy])
+    assert len(spy.postfixes) == 2  # 4 images, batches of 2
+    rates = [re.fullmatch(r"img/s=(\d+\.\d\d)", p or "") for p in spy.postfixes]
+    assert all(rates) and all(float(r.group(1)) > 0 for r in rates), spy.postfixes
+    # ... and it reaches the terminal: tqdm draws the last postfix when the bar closes.
+    assert re.search(r"Predicting.*img/s=\d+\.\d\d", capsys.readouterr().out)
