@@ -9,6 +9,8 @@ Batch format (dict), the same for every LightningModule:
     caption     list[str]            dataset caption, or a label template when the dataset has none
     domain      int64 (B,)           0 real, 1 synthetic
     index       int64 (B,)           index into the split's record list (prediction writers use it)
+    skipped     list[str]            per sample: the undecodable files it stands in for ("\n"-joined), "" if none;
+                                     how decode failures in loader workers reach the main process
 """
 from __future__ import annotations
 
@@ -61,8 +63,11 @@ class FERDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, index: int) -> tuple[Image.Image, Record, int]:
-        """Decode record `index`; with on_bad_image=skip, fall through to the next decodable record."""
+    def load(self, index: int, skipped: Optional[list[str]] = None) -> tuple[Image.Image, Record, int]:
+        """Decode record `index`; with on_bad_image=skip, fall through to the next decodable record.
+
+        The next record comes from this same dataset, so a substitute keeps the sample's domain and the mixing
+        sampler's batch composition. Each failure is appended to `skipped` when given."""
         for attempt in range(min(len(self.records), 32)):
             i = (index + attempt) % len(self.records)
             rec = self.records[i]
@@ -71,12 +76,15 @@ class FERDataset(Dataset):
             except BadImageError as exc:
                 if self.on_bad_image == "error":
                     raise BadImageError(f"{self.source}: {exc} (set data.on_bad_image=skip to skip it)") from exc
-                self.bad.add(str(exc))
+                self.bad.add_new(str(exc))
+                if skipped is not None:
+                    skipped.append(str(exc))
         raise BadImageError(f"{self.source}: 32 consecutive undecodable images from index {index}; "
                             f"the dataset looks broken")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, rec, _ = self.load(index)
+        skipped: list[str] = []
+        image, rec, _ = self.load(index, skipped)
         if rec.label_soft is not None:
             soft = torch.as_tensor(rec.label_soft, dtype=torch.float32)
         else:
@@ -93,6 +101,8 @@ class FERDataset(Dataset):
             "caption": rec.caption or label_caption(self.label_names[rec.label]),
             "domain": torch.tensor(rec.domain, dtype=torch.long),
             "index": torch.tensor(index, dtype=torch.long),
+            # In a loader worker `self.bad` is the worker's copy: the sample itself carries the failures home.
+            "skipped": "\n".join(skipped),
         }
 
 
@@ -139,7 +149,10 @@ class FERDataModule(L.LightningDataModule):
         self._train_transform = train_transform
         self.run_dir = run_dir
         self.datasets: dict[str, FERDataset] = {}
-        self.bad = BadImageLog()
+        self.bad = BadImageLog()  # adapters + header scan, at setup
+        self.runtime_bad = BadImageLog()  # decode failures reported by batches (any loader worker)
+        self._bad_written = 0  # len(skipped_images) at the last write of bad_images.txt
+        self._bad_epoch: Optional[int] = None  # trainer epoch of the last batch seen
 
     # -- sources -------------------------------------------------------------------------------------
     def load_records(self, ds_cfg: DictConfig, key: str) -> list[Record]:
@@ -223,12 +236,58 @@ class FERDataModule(L.LightningDataModule):
                 self.datasets[name] = ds
         self._write_bad_image_log()
 
-    def _write_bad_image_log(self) -> None:
-        if self.run_dir and len(self.bad):
-            from datamodules.atomic import atomic_write_lines
+    # -- bad images met at run time ---------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Main process, every batch of every stage: collect the decode failures the batch reports."""
+        if isinstance(batch, dict) and "skipped" in batch:
+            for item in batch["skipped"]:
+                for message in item.split("\n") if item else ():
+                    self.runtime_bad.add_new(message, announce=False)  # the decoding process logged it
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else None
+        if epoch != self._bad_epoch:  # first batch of a new epoch: the previous epoch's skips go to disk
+            self._bad_epoch = epoch
+            self._write_bad_image_log(only_if_new=True)
+        return batch
 
-            atomic_write_lines(Path(self.run_dir) / "bad_images.txt", self.bad.skipped)
-            log.warning("%d bad images skipped; list in %s/bad_images.txt", len(self.bad), self.run_dir)
+    def teardown(self, stage: str) -> None:
+        self._write_bad_image_log(only_if_new=True)
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._write_bad_image_log(only_if_new=True)
+
+    @property
+    def runtime_skipped(self) -> list[str]:
+        """Decode failures met while loading, each file once: reported by batches (loader workers) or met by
+        the datasets in this process (num_workers=0, or direct indexing)."""
+        seen, out = set(), []
+        for log_ in (self.runtime_bad, *(d.bad for d in self.datasets.values())):
+            for message in log_.skipped:
+                if message not in seen:
+                    seen.add(message)
+                    out.append(message)
+        return out
+
+    @property
+    def skipped_images(self) -> list[str]:
+        return [*self.bad.skipped, *self.runtime_skipped]
+
+    def _write_bad_image_log(self, only_if_new: bool = False) -> None:
+        """Atomically (re)write the run dir's list of skipped images. Under DDP each rank writes the files its
+        own shards met: rank 0 `bad_images.txt`, rank k `bad_images.rank<k>.txt` (only when it met any)."""
+        names = self.skipped_images
+        if not self.run_dir or not names or (only_if_new and len(names) == self._bad_written):
+            return
+        from datamodules.atomic import atomic_write_lines
+
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None and trainer.world_size > 1 else 0
+        if rank and not self.runtime_skipped:
+            return  # rank 0 lists the setup-time skips, which every rank shares
+        path = Path(self.run_dir) / ("bad_images.txt" if rank == 0 else f"bad_images.rank{rank}.txt")
+        atomic_write_lines(path, names)
+        self._bad_written = len(names)
+        log.warning("%d bad images skipped; list in %s", len(names), path)
 
     # -- loaders -------------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
@@ -275,7 +334,7 @@ class FERDataModule(L.LightningDataModule):
 
     @property
     def num_skipped(self) -> int:
-        return len(self.bad) + sum(len(d.bad) for d in self.datasets.values())
+        return len(self.bad) + len(self.runtime_skipped)
 
 
 class SeededConcatDataset(ConcatDataset):

@@ -101,15 +101,31 @@ class BadImageLog:
 
     def __init__(self) -> None:
         self.skipped: list[str] = []
+        self._seen: set[str] = set()
 
     def add(self, message: str) -> None:
         self.skipped.append(message)
+        self._seen.add(message)
         log.warning("skipped bad image: %s", message)
+
+    def add_new(self, message: str, *, announce: bool = True) -> bool:
+        """Record a decode failure once: the same file fails again every epoch and in every loader worker.
+
+        `announce=False` records without a log line (the process that met the failure already logged it)."""
+        if message in self._seen:
+            return False
+        if announce:
+            self.add(message)
+        else:
+            self.skipped.append(message)
+            self._seen.add(message)
+        return True
 
     def extend(self, messages: list[str]) -> None:
         """Record many skips at once with one log line (adapters may drop thousands of rows)."""
         if messages:
             self.skipped.extend(messages)
+            self._seen.update(messages)
             log.warning("skipped %d items, e.g. %s", len(messages), messages[0])
 
     def __len__(self) -> int:

@@ -4,13 +4,16 @@
            (brightness/contrast for grayscale), random erasing.
 - `light`: flips only (generator training: the model should learn faces, not crops).
 - `none`:  resize only.
-Inputs are PIL images already converted to the model's mode (L or RGB) by the dataset.
+Inputs are PIL images, normally already converted to the model's mode (L or RGB) by the dataset; a PIL image
+of the other mode is converted first (RGB -> L luminance, L -> RGB replicated), so the output always has the
+model's channel count (`channels`, or len(mean) for `eval_transform`).
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2 as T
 
 
@@ -18,13 +21,35 @@ def _to_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
 
 
+class ToMode:
+    """PIL image -> `mode` ("L" or "RGB"); other inputs pass through. Without it an RGB image would reach a
+    1-channel model as 3 channels (Normalize broadcasts a 1-value mean over them)."""
+
+    def __init__(self, channels: int) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels}: expected 1 (grayscale) or 3 (RGB)")
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __call__(self, image):
+        if isinstance(image, Image.Image) and image.mode != self.mode:
+            return image.convert(self.mode)
+        return image
+
+    def __repr__(self) -> str:
+        return f"ToMode({self.mode!r})"
+
+
 def train_transform(aug, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"data.mean={list(mean)} / data.std={list(std)}: expected {channels} values each "
+                         f"(data.channels={channels})")
     if aug.preset == "none":
         return eval_transform(image_size, mean, std)
     if aug.preset == "light":
-        return T.Compose([T.Resize((image_size, image_size), antialias=True), T.RandomHorizontalFlip(aug.hflip),
-                          *_to_tensor(mean, std)])
+        return T.Compose([ToMode(channels), T.Resize((image_size, image_size), antialias=True),
+                          T.RandomHorizontalFlip(aug.hflip), *_to_tensor(mean, std)])
     ops: list = [
+        ToMode(channels),
         T.RandomResizedCrop(image_size, scale=tuple(aug.crop_scale), ratio=(0.9, 1.1), antialias=True),
         T.RandomHorizontalFlip(aug.hflip),
     ]
@@ -41,7 +66,8 @@ def train_transform(aug, image_size: int, channels: int, mean: Sequence[float], 
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    return T.Compose([T.Resize((image_size, image_size), antialias=True), *_to_tensor(mean, std)])
+    """Deterministic: resize to image_size x image_size, scale to [0, 1], normalise. Channels = len(mean)."""
+    return T.Compose([ToMode(len(mean)), T.Resize((image_size, image_size), antialias=True), *_to_tensor(mean, std)])
 
 
 class MultiView:

@@ -56,19 +56,31 @@ def summarize_confusion(cm: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def report(summary: dict[str, torch.Tensor], label_names: Sequence[str], *, num_images: Optional[int] = None,
+def _per_class_recall(summary: dict[str, torch.Tensor], label_names: Sequence[str]) -> dict[str, Optional[float]]:
+    return {n: (None if r != r else float(r)) for n, r in zip(label_names, summary["recall"].tolist())}
+
+
+def report(summary: dict[str, Any], label_names: Sequence[str], *, num_images: Optional[int] = None,
            extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The metrics.json format shared by evaluate, linear, knn, finetune and the pipeline."""
-    recall = summary["recall"].tolist()
+    """The metrics.json format shared by evaluate, linear, knn, finetune and the pipeline.
+
+    `summary` may carry "per_domain": {"real"|"synthetic": summary} (the classifier modules' test summary);
+    the report then holds accuracy, macro-F1, per-class recall and the image count of each domain present.
+    """
     out: dict[str, Any] = {
         "accuracy": float(summary["acc"]),
         "macro_f1": float(summary["macro_f1"]),
         "mean_class_recall": float(summary["mean_recall"]),
-        "per_class_recall": {n: (None if r != r else float(r)) for n, r in zip(label_names, recall)},
+        "per_class_recall": _per_class_recall(summary, label_names),
         "confusion_matrix": [[int(v) for v in row] for row in summary["confusion"].tolist()],
         "label_names": list(label_names),
         "num_images": int(num_images if num_images is not None else summary["confusion"].sum()),
     }
+    if summary.get("per_domain"):
+        out["per_domain"] = {
+            name: {"accuracy": float(s["acc"]), "macro_f1": float(s["macro_f1"]),
+                   "per_class_recall": _per_class_recall(s, label_names), "num_images": int(s["confusion"].sum())}
+            for name, s in summary["per_domain"].items()}
     if extra:
         out.update(extra)
     return out

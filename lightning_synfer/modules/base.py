@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.records import DOMAIN_NAMES as DOMAINS  # batch `domain` code -> name used in metric keys
 from lightning_synfer.metrics.fer import FERMetrics, confusion_figure
 
 CHECKPOINT_FORMAT = 1
@@ -39,10 +40,11 @@ class FERClassifierModule(L.LightningModule):
         # mean/std/size/channels the classifier expects: lets guidance and labelling feed raw [0,1] images.
         self.normalization = dict(normalization or {})
         self.val_metrics = FERMetrics(self.num_classes)
-        self.val_domain_metrics = nn.ModuleDict({"real": FERMetrics(self.num_classes),
-                                                 "synthetic": FERMetrics(self.num_classes)})
+        self.val_domain_metrics = nn.ModuleDict({name: FERMetrics(self.num_classes) for name in DOMAINS.values()})
         self.test_metrics = FERMetrics(self.num_classes)
-        self.last_test_summary: Optional[dict[str, torch.Tensor]] = None
+        self.test_domain_metrics = nn.ModuleDict({name: FERMetrics(self.num_classes) for name in DOMAINS.values()})
+        # The overall summary (tensors) plus "per_domain": {domain name: summary} for the domains the test set has.
+        self.last_test_summary: Optional[dict[str, Any]] = None
 
     def build_backbone_and_head(self) -> None:
         """timm backbone (local weights only) + linear head; input normalisation from the backbone."""
@@ -75,47 +77,58 @@ class FERClassifierModule(L.LightningModule):
             logits = probs.clamp_min(1e-12).log()
         return logits
 
-    def _eval_step(self, batch: dict[str, Any], metrics: FERMetrics, by_domain: bool) -> torch.Tensor:
+    def _eval_step(self, batch: dict[str, Any], metrics: FERMetrics,
+                   domain_metrics: Optional[nn.ModuleDict] = None) -> torch.Tensor:
         logits = self._eval_logits(batch["image"])
         target = batch["label"]
         metrics.update(logits.detach(), target)
-        if by_domain and "domain" in batch:
-            for dom_id, name in ((0, "real"), (1, "synthetic")):
+        if domain_metrics is not None and "domain" in batch:
+            for dom_id, name in DOMAINS.items():
+                # Update even with an empty mask: every rank then computes (and syncs) every domain metric.
                 mask = batch["domain"] == dom_id
-                if mask.any():
-                    self.val_domain_metrics[name].update(logits.detach()[mask], target[mask])
+                domain_metrics[name].update(logits.detach()[mask], target[mask])
         return logits
 
+    def _domain_summaries(self, prefix: str, domain_metrics: nn.ModuleDict) -> dict[str, dict[str, torch.Tensor]]:
+        """Log `{prefix}_{domain}/acc|macro_f1` and `{prefix}_{domain}_recall/<class>` for the domains seen."""
+        out = {}
+        for name, metric in domain_metrics.items():
+            if metric.update_count:  # same on every rank: batches either carry `domain` or do not
+                summary = metric.compute()  # synced across ranks, so the test below agrees on every rank
+                if summary["confusion"].sum() > 0:
+                    self._log_summary(f"{prefix}_{name}", summary, prog_bar=False)
+                    out[name] = {k: v.detach().cpu() for k, v in summary.items()}
+            metric.reset()
+        return out
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, by_domain=True)
+        self._eval_step(batch, self.val_metrics, self.val_domain_metrics)
 
     def on_validation_epoch_end(self) -> None:
         summary = self.val_metrics.compute()
         self._log_summary("val", summary)
-        for name, metric in self.val_domain_metrics.items():
-            if metric.confusion.confmat.sum() > 0:
-                self.log(f"val_{name}/acc", metric.compute()["acc"].float(), sync_dist=False)
-            metric.reset()
+        self._domain_summaries("val", self.val_domain_metrics)
         self.val_metrics.reset()
         if self.cfg.logger.log_confusion_matrix and not self.trainer.sanity_checking:
             self._log_confusion(summary["confusion"], "val/confusion")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, by_domain=False)
+        self._eval_step(batch, self.test_metrics, self.test_domain_metrics)
 
     def on_test_epoch_end(self) -> None:
         summary = self.test_metrics.compute()
         self.last_test_summary = {k: v.detach().cpu() for k, v in summary.items()}
         self._log_summary("test", summary)
+        self.last_test_summary["per_domain"] = self._domain_summaries("test", self.test_domain_metrics)
         self.test_metrics.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         probs = torch.softmax(self(batch["image"]).float(), dim=-1)
         return {"probs": probs.cpu(), "index": batch["index"].cpu()}
 
-    def _log_summary(self, prefix: str, summary: dict[str, torch.Tensor]) -> None:
+    def _log_summary(self, prefix: str, summary: dict[str, torch.Tensor], prog_bar: bool = True) -> None:
         # Metric states are already synced across ranks by torchmetrics; log plain floats.
-        self.log(f"{prefix}/acc", summary["acc"].float(), prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/acc", summary["acc"].float(), prog_bar=prog_bar, sync_dist=False)
         self.log(f"{prefix}/macro_f1", summary["macro_f1"].float(), sync_dist=False)
         for name, r in zip(self.label_names, summary["recall"].tolist()):
             if r == r:  # skip NaN: class absent from this split

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import make_folder_dataset
+from fixtures import make_folder_dataset, make_synthetic_set
 from lightning_synfer.checkpoints import CheckpointError, load_module
 from lightning_synfer.cli import main
 from lightning_synfer.config import compose
@@ -40,21 +40,29 @@ def test_fit_writes_run_dir_and_metrics(tiny, tmp_path):
     assert metrics["test"]["num_images"] == 32
 
 
-def test_evaluate_on_fixture_folder_excludes_missing_classes(tiny, tmp_path):
+def test_evaluate_on_fixture_folder_excludes_missing_classes(tiny, tmp_path, capsys):
     cfg = compose("supervised/embedded", tiny("data.num_classes=7", "data.channels=1"))
     fit.run(cfg)
     ckpt = _only_run_dir(tmp_path / "runs") / "checkpoints" / "best.ckpt"
     folder = make_folder_dataset(tmp_path / "faces", classes=("happy", "sad", "contempt"), per_class=3, size=40)
     argv = tiny(f"ckpt={ckpt}", f"data.test.root={folder}", "data.test.format=folder", "data.test.split=test",
                 "experiment=supervised/embedded")
+    capsys.readouterr()
     with pytest.warns(UserWarning, match="contempt"):
         assert main(["evaluate", *argv]) == 0
+    printed = capsys.readouterr().out.splitlines()
     runs = sorted((tmp_path / "runs").rglob("metrics.json"))
     metrics = json.loads(max(runs, key=lambda p: p.stat().st_mtime).read_text())
     assert metrics["task"] == "evaluate"
     assert metrics["num_images"] == 6
     assert metrics["excluded_classes"] == {"contempt": 3}
     assert sum(map(sum, metrics["confusion_matrix"])) == 6
+    # evaluate prints its table: the values of metrics.json, in percent
+    for row in ("| metric | value |", f"| accuracy | {100 * metrics['accuracy']:.2f} |",
+                f"| macro-F1 | {100 * metrics['macro_f1']:.2f} |",
+                f"| recall happy | {100 * metrics['per_class_recall']['happy']:.2f} |",
+                "| recall neutral | n/a |", "| images | 6 |", f"| skipped | {metrics['num_skipped']} |"):
+        assert row in printed, (row, printed)
 
 
 def test_evaluate_rejects_bad_checkpoints(tmp_path, tiny):
@@ -168,3 +176,114 @@ def test_au_head_is_built_and_saved_by_fit(tiny, tmp_path):
     size = cfg.data.image_size
     aus = module.predict_aus(torch.rand(2, cfg.data.channels, size, size))
     assert aus.shape == (2, len(AU_NAMES)) and bool(((aus >= 0) & (aus <= 1)).all())
+
+
+# -- metrics per domain ------------------------------------------------------------------------------------------
+
+def _hand_metrics(preds: list[int], labels: list[int], num_classes: int) -> tuple[float, float, dict]:
+    """Accuracy, macro-F1 over the classes present, per-class recall (None when absent), by counting."""
+    acc = sum(p == y for p, y in zip(preds, labels)) / len(labels)
+    recall, f1s = {}, []
+    for c in range(num_classes):
+        support = sum(y == c for y in labels)
+        if not support:
+            recall[c] = None
+            continue
+        tp = sum(p == c and y == c for p, y in zip(preds, labels))
+        predicted = sum(p == c for p in preds)
+        r, prec = tp / support, (tp / predicted if predicted else 0.0)
+        recall[c] = r
+        f1s.append(2 * prec * r / (prec + r) if prec + r else 0.0)
+    return acc, sum(f1s) / len(f1s), recall
+
+
+def test_per_domain_metrics_match_a_hand_computation(tiny, tmp_path):
+    """Mixed real + synthetic eval batches: val_<domain>/acc|macro_f1, val_<domain>_recall/<class> (and test_...)
+    are logged for both domains, and the test report's per_domain block holds the same numbers."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from datamodules.datamodule import FERDataModule, FERDataset
+    from datamodules.transforms import eval_transform
+    from lightning_synfer.metrics.fer import report
+    from lightning_synfer.modules.supervised import SupervisedFER
+
+    syn = make_synthetic_set(tmp_path / "syn", n=12, num_classes=8, size=32, mode="L")
+    cfg = compose("supervised/embedded", tiny(f"data.synthetic.root={syn}", "data.synthetic.format=synthetic",
+                                              "data.mix.synthetic_ratio=0.5", "model.backbone=test_resnet",
+                                              "data.val=null", "data.test=null"))
+    dm = FERDataModule(cfg)
+    dm.setup("fit")
+    real, synthetic = dm.datasets["train"].records[:20], dm.datasets["synthetic"].records
+    records = [r for pair in zip(real, synthetic) for r in pair] + real[len(synthetic):]  # domains interleaved
+    names = list(dm.label_space.names)
+    ds = FERDataset(records, eval_transform(32, dm.mean, dm.std), mode=dm.mode, label_names=names,
+                    au_names=dm.au_names)
+    module = SupervisedFER(config=cfg, label_names=names).eval()
+    proj = torch.randn(32 * 32, len(names), generator=torch.Generator().manual_seed(0))
+    module.forward = lambda images: images.flatten(1) @ proj  # a fixed classifier whose predictions vary
+    with torch.no_grad():
+        preds = module(torch.stack([ds[i]["image"] for i in range(len(ds))])).argmax(-1).tolist()
+    assert len(set(preds)) > 2
+    labels = [r.label for r in records]
+    domains = {"real": [i for i, r in enumerate(records) if r.domain == 0],
+               "synthetic": [i for i, r in enumerate(records) if r.domain == 1]}
+    assert len(domains["real"]) == 20 and len(domains["synthetic"]) == 12
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(ds, batch_size=8)
+    logged = trainer.validate(module, loader, verbose=False)[0]
+    trainer.test(module, loader, verbose=False)
+    logged.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test")})
+    test_report = report(module.last_test_summary, names)
+    assert set(test_report["per_domain"]) == {"real", "synthetic"}
+    for domain, idx in domains.items():
+        acc, f1, recall = _hand_metrics([preds[i] for i in idx], [labels[i] for i in idx], len(names))
+        for stage in ("val", "test"):
+            assert logged[f"{stage}_{domain}/acc"] == pytest.approx(acc, abs=1e-6)
+            assert logged[f"{stage}_{domain}/macro_f1"] == pytest.approx(f1, abs=1e-6)
+            for c, name in enumerate(names):
+                key = f"{stage}_{domain}_recall/{name}"
+                assert (key in logged) == (recall[c] is not None), key
+                if recall[c] is not None:
+                    assert logged[key] == pytest.approx(recall[c], abs=1e-6), key
+        block = test_report["per_domain"][domain]
+        assert block["num_images"] == len(idx)
+        assert block["accuracy"] == pytest.approx(acc) and block["macro_f1"] == pytest.approx(f1)
+        assert block["per_class_recall"] == pytest.approx({n: recall[c] for c, n in enumerate(names)})
+    overall_acc, overall_f1, _ = _hand_metrics(preds, labels, len(names))
+    assert logged["val/acc"] == pytest.approx(overall_acc, abs=1e-6)
+    assert test_report["macro_f1"] == pytest.approx(overall_f1)
+
+
+def test_mixed_fit_logs_per_domain_metrics_and_reports_them(tiny, tmp_path, monkeypatch):
+    """fit on real + synthetic (ratio 0.5), val on real, test on a synthetic set: val_real/* is logged next to
+    val/*, and metrics.json's test report has a per_domain block for the test set's one domain."""
+    import lightning as L
+
+    class KeepValMetrics(L.Callback):
+        seen: dict = {}
+
+        def on_validation_end(self, trainer, pl_module):
+            KeepValMetrics.seen = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    real_build = fit.build_trainer
+    monkeypatch.setattr(fit, "build_trainer", lambda *a, **k: real_build(*a, callbacks=[KeepValMetrics()], **k))
+    syn = make_synthetic_set(tmp_path / "syn", n=16, num_classes=8, size=32, mode="L")
+    syn_test = make_synthetic_set(tmp_path / "syn_test", n=8, num_classes=8, size=32, mode="L")
+    metrics = fit.run(compose("supervised/embedded", tiny(
+        f"data.synthetic.root={syn}", "data.synthetic.format=synthetic", "data.mix.synthetic_ratio=0.5",
+        f"data.test.root={syn_test}", "data.test.format=synthetic", "model.backbone=test_resnet",
+        "logger.tensorboard=false")))
+    seen = KeepValMetrics.seen
+    assert seen["val_real/acc"] == pytest.approx(seen["val/acc"])  # val is all real
+    assert seen["val_real/macro_f1"] == pytest.approx(seen["val/macro_f1"])
+    recalls = [k for k in seen if k.startswith("val_real_recall/")]
+    assert recalls and all(seen[k] == pytest.approx(seen[k.replace("val_real_", "val_")]) for k in recalls)
+    assert not [k for k in seen if k.startswith("val_synthetic")]
+    saved = json.loads((_only_run_dir(tmp_path / "runs") / "metrics.json").read_text())["test"]
+    assert saved == metrics["test"] and set(saved["per_domain"]) == {"synthetic"}
+    block = saved["per_domain"]["synthetic"]
+    assert block == {"accuracy": saved["accuracy"], "macro_f1": saved["macro_f1"],
+                     "per_class_recall": saved["per_class_recall"], "num_images": 8}
