@@ -8,7 +8,9 @@
         metrics.json       written last, by every task; tables are built from these files only
 
 The hash covers the resolved config minus volatile keys (resume, run_dir, ...), so `resume=auto`
-finds the newest run of the same config.
+finds the newest unfinished run of the same config. A later run of the same config started in the same
+second gets `<YYYYmmdd-HHMMSS>-2-<hash8>` (then -3, ...). A folder holding a run (metrics.json or
+checkpoints) is only reused when `resume=` or `overwrite=true` says so.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -102,16 +105,87 @@ def _experiment_root(cfg: DictConfig) -> Path:
     return Path(cfg.paths.runs_dir) / cfg.experiment.replace("/", os.sep)
 
 
+NO_RESUME = (None, "", "none", "never")
+_STAMPED = re.compile(r"^(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?-(?P<digest>[0-9a-f]{8})$")
+
+
+def _newest_first(name: str) -> tuple[str, int]:
+    # `<stamp>-<n>-<hash>` (the n-th run of the same config in the same second) is newer than `<stamp>-<hash>`,
+    # and `-10-` newer than `-9-`: plain string order gets both wrong.
+    m = _STAMPED.match(name)
+    return (m["stamp"], int(m["n"] or 1)) if m else (name, 0)
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file()
+
+
 def find_resumable(cfg: DictConfig, digest: str) -> Optional[Path]:
-    """Newest run dir of the same config hash that has a last.ckpt (or hpc checkpoint)."""
+    """Newest unfinished run dir of the same config hash that has a last.ckpt (or hpc checkpoint).
+
+    A finished run (metrics.json) is never picked: continuing it would rewrite its results. The search also
+    stops there, so resume=auto after a finished run starts a new run dir, as a run without resume=auto does,
+    rather than reviving an older crashed run that the finished one superseded.
+    """
     root = _experiment_root(cfg)
     if not root.is_dir():
         return None
-    candidates = sorted(root.glob(f"*-{digest}"), reverse=True)
+    candidates = sorted((p for p in root.glob(f"*-{digest}") if p.is_dir()), key=lambda p: _newest_first(p.name),
+                        reverse=True)
     for cand in candidates:
+        if is_finished(cand):
+            return None
         if newest_resumable(cand) is not None:
             return cand
     return None
+
+
+def _checkpoints_in(path: Path) -> list[Path]:
+    return sorted([*(path / "checkpoints").glob("*.ckpt"), *path.glob("hpc_ckpt_*.ckpt")])
+
+
+def _refuse_to_reuse(cfg: DictConfig, path: Path) -> None:
+    """An explicit run_dir that holds a run is only reused when asked: resume=... continues it, overwrite=true
+    replaces it. Starting over silently would mix two runs' checkpoints in one folder."""
+    if cfg.overwrite or cfg.resume not in NO_RESUME or not is_global_zero():
+        return
+    if (path / "metrics.json").exists():
+        raise ConfigError(f"run_dir={path} already holds a finished run (metrics.json); "
+                          f"pass overwrite=true to replace it or resume=auto to continue")
+    found = _checkpoints_in(path)
+    if found:
+        raise ConfigError(f"run_dir={path} holds checkpoints of an unfinished run ({newest_resumable(path) or found[0]}"
+                          f"); pass resume=auto to continue it or overwrite=true to start over in it")
+
+
+def _new_run_dir(cfg: DictConfig, digest: str) -> Path:
+    """A fresh `<stamp>-<hash>` dir, created here. Runs of the same config started in the same second (two
+    shells, a job array) each get their own: the exclusive mkdir fails for the later one, which takes
+    `<stamp>-2-<hash>`, `<stamp>-3-<hash>`, ..."""
+    root = _experiment_root(cfg)
+    stamp = launcher_stamp()
+    if stamp is not None:  # every rank computes this same name on its own: no suffix is possible
+        path = root / f"{stamp}-{digest}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if not is_global_zero():
+        # DDP children that Lightning launches inherit rank 0's stamp, suffix included: same dir.
+        stamp = os.environ.get("SYNFER_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
+        path = root / f"{stamp}-{digest}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    base = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        stamp = base if n == 1 else f"{base}-{n}"
+        path = root / f"{stamp}-{digest}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        os.environ["SYNFER_RUN_STAMP"] = stamp
+        return path
+    raise ConfigError(f"{root}: could not create a new run dir for {base}-*-{digest} (9999 already exist)")
 
 
 def is_global_zero() -> bool:
@@ -145,23 +219,13 @@ def prepare_run_dir(cfg: DictConfig, *, argv: Optional[list[str]] = None) -> Run
     resumed_from = None
     if cfg.run_dir:
         path = Path(cfg.run_dir)
-        if (path / "metrics.json").exists() and not cfg.overwrite and cfg.resume is None and is_global_zero():
-            raise ConfigError(f"run_dir={path} already holds a finished run (metrics.json); "
-                              f"pass overwrite=true to replace it or resume=auto to continue")
+        _refuse_to_reuse(cfg, path)
+        path.mkdir(parents=True, exist_ok=True)
     else:
-        path = None
-        if cfg.resume == "auto":
-            path = find_resumable(cfg, digest)
-            resumed_from = path
+        path = find_resumable(cfg, digest) if cfg.resume == "auto" else None
+        resumed_from = path
         if path is None:
-            stamp = launcher_stamp()
-            if stamp is None:
-                if is_global_zero():
-                    # A fresh stamp per run; DDP children that Lightning launches later inherit it.
-                    os.environ["SYNFER_RUN_STAMP"] = time.strftime("%Y%m%d-%H%M%S")
-                stamp = os.environ.get("SYNFER_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
-            path = _experiment_root(cfg) / f"{stamp}-{digest}"
-    path.mkdir(parents=True, exist_ok=True)
+            path = _new_run_dir(cfg, digest)
     (path / "checkpoints").mkdir(exist_ok=True)
     if is_global_zero():
         atomic_write_text(path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -181,7 +245,7 @@ def prepare_run_dir(cfg: DictConfig, *, argv: Optional[list[str]] = None) -> Run
 
 def resolve_resume_checkpoint(cfg: DictConfig, run: RunDir) -> Optional[str]:
     """The checkpoint to pass as Trainer.fit(ckpt_path=...), or None for a fresh start."""
-    if cfg.resume in (None, "", "none", "never"):
+    if cfg.resume in NO_RESUME:
         return None
     if cfg.resume == "auto":
         last = run.last_checkpoint()

@@ -1,8 +1,9 @@
 import json
 
 import pytest
+from PIL import Image
 
-from fixtures import make_folder_dataset, make_synthetic_set
+from fixtures import make_folder_dataset, make_synthetic_set, write_image
 from lightning_synfer.cli import main
 
 
@@ -56,6 +57,20 @@ def test_each_fault_is_reported(tmp_path, capsys, fault, expected):
     out = capsys.readouterr().out
     assert "PROBLEMS" in out and expected in out
 
+
+def test_image_size_not_matching_the_header_is_reported(tmp_path, capsys):
+    """Images that decode fine but not at the header's image_size (a smaller one, a non-square one) are each
+    reported with their manifest line and both sizes; the records around them are not."""
+    root = make_synthetic_set(tmp_path / "syn", n=6, size=48, mode="RGB")
+    recs = _lines(root)
+    write_image(root / recs[2]["image"], size=32, mode="RGB", seed=2)
+    Image.new("RGB", (48, 40), (90, 90, 90)).save(root / recs[4]["image"])
+    assert main(["check-dataset", str(root)]) == 1
+    out = capsys.readouterr().out
+    manifest = root / "manifest.jsonl"
+    assert f"{manifest}:3: image 32x32, header says 48x48" in out, out
+    assert f"{manifest}:5: image 48x40, header says 48x48" in out, out
+    assert "PROBLEMS: 2" in out and "records: 6" in out, out
 
 def test_real_folder_with_bad_files(tmp_path, capsys):
     root = make_folder_dataset(tmp_path / "real", classes=("happy", "sad"), per_class=2)

@@ -9,9 +9,13 @@ The killed run is a real `python run.py fit` subprocess; a watcher thread polls 
 freezes the process (SIGSTOP) once it holds the chosen step, notes the step on disk and sends SIGKILL. The
 uninterrupted reference and the resumed run go through the same CLI entry point in this process (one thread,
 like the subprocess), which saves two interpreter start-ups per family on a small shared CPU machine.
+
+Synthesis (`run.py synthesize`) and labelling (`run.py label`) killed mid-run: the same command again completes
+the set with exactly N unique records, and no manifest is ever visible half-written.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -57,9 +61,9 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], log: Path) -> subprocess.Popen:
+def launch(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "wb") as fh:
-        return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=subprocess_env(), stdout=fh,
+        return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env or subprocess_env(), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -168,7 +172,7 @@ def _part_lines(out: Path) -> int:
 def test_synthesis_sigkill_then_rerun_gives_exactly_n_unique_records(tmp_path):
     """`run.py synthesize` killed mid-run; the same command again completes the set with exactly N unique
     records, every image present, and no manifest is ever visible half-written (the kill freezes the process
-    and checks the folder first). Labelling (`run.py label`) is not in the CLI yet: see docs/RELIABILITY.md."""
+    and checks the folder first). Labelling: `test_label_sigkill_then_rerun_gives_exactly_n_unique_records`."""
     from datamodules.labels import CANONICAL_8
     from datamodules.synthetic import read_manifest
     from lightning_synfer.config import compose, to_container
@@ -208,3 +212,73 @@ def test_synthesis_sigkill_then_rerun_gives_exactly_n_unique_records(tmp_path):
     assert sorted(r["index"] for r in records) == list(range(n))
     assert all((out / r["image"]).is_file() for r in records)
     assert main(["check-dataset", str(out)]) == 0
+
+
+def _label_predictions(root: Path) -> list[dict]:
+    """Every prediction line the label task would read back (a line cut by the kill is not one of them)."""
+    out = []
+    for part in sorted((root / "labeling").glob("*/parts/*.jsonl")):
+        for line in part.read_bytes().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+@pytest.mark.slow
+def test_label_sigkill_then_rerun_gives_exactly_n_unique_records(tmp_path):
+    """`run.py label` killed mid-prediction; the same command again predicts only the records the killed run had
+    not written, once each, and writes manifest.v2.jsonl with exactly N unique records. No v2 manifest (nor its
+    temporary file) exists while the killed run is frozen, and manifest.jsonl (v1) is never touched."""
+    from datamodules.labels import CANONICAL_8
+    from datamodules.synthetic import read_manifest
+    from fixtures import make_synthetic_set
+    from lightning_synfer.config import compose, to_container
+    from lightning_synfer.modules.supervised import SupervisedFER
+
+    n = 40
+    root = make_synthetic_set(tmp_path / "set", n=n, num_classes=8, size=16, mode="L")
+    v1 = (root / "manifest.jsonl").read_bytes()
+    torch.manual_seed(1)  # an untrained classifier: the resume logic does not care how good its labels are
+    clf = SupervisedFER(config=to_container(compose("supervised/embedded", [
+        "data.image_size=16", "model.backbone=test_resnet", "logger.log_confusion_matrix=false"])),
+        label_names=list(CANONICAL_8))
+    ckpt = {"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams)}
+    clf.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "clf.ckpt")
+    args = ["label", "trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0", "label.batch_size=1",
+            f"paths.runs_dir={tmp_path / 'runs'}", f"synth.dir={root}", f"labelers=[{tmp_path / 'clf.ckpt'}]"]
+
+    proc = launch(args, tmp_path / "label.log")
+    kill_at = random.Random(f"{SEED}-label").randint(2, 10)
+    try:
+        deadline = time.time() + 240
+        while proc.poll() is None and len(_label_predictions(root)) < kill_at and time.time() < deadline:
+            time.sleep(0.01)
+        timed_out = time.time() >= deadline
+        os.kill(proc.pid, signal.SIGSTOP)
+        done = _label_predictions(root)
+        v2_files = sorted(p.name for p in root.iterdir() if p.name.startswith("manifest.v2"))
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    log = (tmp_path / "label.log").read_text(errors="replace")[-3000:]
+    note = f"(SYNFER_RELIABILITY_SEED={SEED}, kill after {kill_at} predictions, {len(done)} on disk" + (
+        ", 240 s deadline passed: a starved CPU?)" if timed_out else ")")
+    assert proc.returncode == -signal.SIGKILL and kill_at <= len(done) < n, f"{note}:\n{log}"
+    assert v2_files == [] and not list((root / "labeling").glob("*/written.json")), f"{v2_files} {note}"
+
+    assert main(args) == 0  # the same command, rerun
+    predictions = _label_predictions(root)
+    ids = [r["id"] for r in predictions]
+    assert len(ids) == n and len(set(ids)) == n, f"records predicted twice or missing {note}"  # once each
+    metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
+    assert metrics["num_predicted_now"] == n - len(done) and metrics["version"] == 2, note
+    header, records = read_manifest(str(root))
+    assert len(records) == n and {r["id"] for r in records} == {f"syn-{i:06d}" for i in range(n)}
+    assert all("label_source" in r for r in records)
+    assert (root / "manifest.jsonl").read_bytes() == v1
+    assert not [p.name for p in root.iterdir() if ".tmp" in p.name]
+    assert main(["check-dataset", str(root)]) == 0
