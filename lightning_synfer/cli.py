@@ -17,6 +17,8 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
             "train the module family of the experiment (supervised, generator, labeler, ssl)"),
     "evaluate": ("lightning_synfer.tasks.evaluate:run", "supervised/embedded",
                  "evaluate a classifier checkpoint on data.test (writes metrics.json)"),
+    "render": ("lightning_synfer.tasks.render:run", "supervised/embedded",
+               "render the embedded splits of data.* into the cache later runs reuse; metrics.json: faces per class"),
     "pipeline": ("lightning_synfer.tasks.pipeline:run", "pipeline/embedded",
                  "the SynFER pipeline as cached stages (what `python run.py` runs), with paper-shaped tables"),
     "linear": ("lightning_synfer.tasks.linear:run", "ssl/embedded_linear",

@@ -164,12 +164,16 @@ def build_trainer(
     callbacks: Sequence[Callback] = (),
     use_distributed_sampler: bool = False,
     enable_checkpointing: bool = True,
+    needs_sync_batchnorm: bool = False,
     **overrides: Any,
 ) -> L.Trainer:
     """Build a Trainer from `cfg.trainer`.
 
     use_distributed_sampler is False for training because the DataModule's MixingBatchSampler
     shards each global batch itself; prediction tasks (synthesis, labelling) turn it on.
+    needs_sync_batchnorm: the module family needs BatchNorm statistics over the global batch (a family's
+    `trainer_overrides(cfg)` says so, e.g. the SSL methods); with `trainer.sync_batchnorm: null` (auto) this turns
+    on SyncBatchNorm when more than one process trains (see `resolve_sync_batchnorm`).
     """
     t = cfg.trainer
     cbs: list[Callback] = [StopOnNonFiniteLoss(), RestoreLoaderState()]
@@ -226,7 +230,6 @@ def build_trainer(
         limit_predict_batches=_optional(t.limit_predict_batches),
         num_sanity_val_steps=t.num_sanity_val_steps,
         deterministic=t.deterministic,
-        sync_batchnorm=t.sync_batchnorm,
         benchmark=_optional(t.benchmark),
         enable_progress_bar=t.enable_progress_bar,
         enable_checkpointing=enable_checkpointing and run is not None,
@@ -239,7 +242,48 @@ def build_trainer(
         plugins=[AtomicCheckpointIO()],
     )
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    setting = _optional(t.sync_batchnorm)
+    trainer = _trainer(kwargs, bool(setting))
+    # The Trainer knows the cluster environment (SLURM, torchrun) and the devices it found, so the automatic
+    # choice reads its world size; a rebuild happens only for a multi-GPU run of a family that needs it.
+    accelerator = _accelerator_name(trainer)
+    if resolve_sync_batchnorm(setting, needs_sync_batchnorm, world_size_of(trainer), accelerator) \
+            and not setting:
+        trainer = _trainer(kwargs, True)
+    if setting and trainer.world_size > 1 and not sync_batchnorm_supported(accelerator):
+        raise ValueError(f"trainer.sync_batchnorm=true with {trainer.world_size} processes on "
+                         f"{accelerator}: torch's SyncBatchNorm runs on GPUs only; expected "
+                         f"trainer.sync_batchnorm=null (auto) or false for CPU runs")
+    if setting is None and needs_sync_batchnorm and trainer.world_size > 1 and trainer.is_global_zero:
+        on = sync_batchnorm_supported(accelerator)
+        why = "" if on else " (torch's SyncBatchNorm runs on GPUs only: each rank normalises its own samples)"
+        print(f"[synfer] sync_batchnorm {'on' if on else 'off'}: the module needs global BatchNorm statistics, "
+              f"world size {trainer.world_size}{why}; trainer.sync_batchnorm=true/false forces it", flush=True)
+    return trainer
+
+
+def _trainer(kwargs: dict[str, Any], sync_batchnorm: bool) -> L.Trainer:
+    # Lightning appends its own callbacks to the list it is given: every build gets a fresh copy.
+    return L.Trainer(**{**kwargs, "callbacks": list(kwargs["callbacks"]), "sync_batchnorm": sync_batchnorm})
+
+
+def sync_batchnorm_supported(accelerator: str) -> bool:
+    """torch's nn.SyncBatchNorm raises on CPU tensors once a process group exists (it runs on GPU/XPU/HPU)."""
+    return accelerator != "cpu"
+
+
+def resolve_sync_batchnorm(setting: Optional[bool], needs: bool, world_size: int, accelerator: str) -> bool:
+    """`trainer.sync_batchnorm`: true/false force it; null (auto) turns it on when the module needs global
+    BatchNorm statistics, more than one process trains, and the accelerator can synchronise BatchNorm."""
+    if setting is not None:
+        return bool(setting)
+    return bool(needs) and world_size > 1 and sync_batchnorm_supported(accelerator)
+
+
+def _accelerator_name(trainer: L.Trainer) -> str:
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    return "cpu" if isinstance(trainer.accelerator, CPUAccelerator) else "gpu"
 
 
 def world_size_of(trainer: L.Trainer) -> int:

@@ -56,7 +56,9 @@ class TrainerConfig:
     limit_predict_batches: Any = None
     num_sanity_val_steps: int = 0
     deterministic: Any = False
-    sync_batchnorm: bool = False
+    # null (auto): SyncBatchNorm when the module family needs global BatchNorm statistics (the SSL methods) and
+    # more than one GPU process trains; true/false force it (lightning_synfer.trainer.resolve_sync_batchnorm).
+    sync_batchnorm: Optional[bool] = None
     benchmark: Optional[bool] = None
     enable_progress_bar: bool = True
     checkpoint_every_n_steps: Optional[int] = None  # also save last.ckpt every N steps (preemption)

@@ -94,3 +94,85 @@ def test_main_pipeline_runs_end_to_end_shrunk(tmp_path, capsys):
     report_dir = tmp_path / "runs" / "pipeline" / "pipeline_embedded" / "report"
     for name in ("report.md", "accuracy_vs_ratio.png", "confusion_matrices.png", "synthetic_samples.png"):
         assert (report_dir / name).is_file(), name
+
+
+# -- stage 1: render the embedded faces into the cache the later stages read ---------------------------------
+
+
+def test_render_task_counts_faces_and_later_runs_load_its_cache(tmp_path, monkeypatch, capsys):
+    import json
+
+    from PIL import Image
+
+    from datamodules.datamodule import FERDataModule
+    from datamodules.procedural import dataset as procedural
+    from lightning_synfer.cli import main
+    from lightning_synfer.tasks import render
+
+    argv = tiny_overrides(tmp_path)
+    metrics = render.run(compose("supervised/embedded", argv))
+    splits = metrics["splits"]
+    assert set(splits) == {"train", "val", "test"} and metrics["num_rendered_now"] == 64 + 32 + 32
+    assert list(splits["train"]["per_class"]) == metrics["label_names"] and len(metrics["label_names"]) == 8
+    for name, n in (("train", 64), ("val", 32), ("test", 32)):  # the renderer balances classes exactly
+        assert splits[name]["per_class"] == dict.fromkeys(metrics["label_names"], n // 8), name
+        assert not splits[name]["reused"] and Path(splits[name]["cache"]).is_file()
+    with Image.open(metrics["samples"]) as grid:  # 8 rows of 32 px faces (+ 2 px gaps), 8 per row + a name margin
+        assert grid.size == (64 + 8 * 34, 8 * 34)
+
+    # A later run of the same data draws nothing: every split comes from the cache.
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("render_split called: the embedded cache was not used")
+
+    monkeypatch.setattr(procedural, "render_split", no_drawing)
+    dm = FERDataModule(compose("supervised/embedded", argv))
+    dm.setup("fit")
+    dm.setup("test")
+    assert [len(dm.datasets[n]) for n in ("train", "val", "test")] == [64, 32, 32]
+    assert main(["render", *argv]) == 0
+    again = json.loads(max((tmp_path / "runs").rglob("metrics.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert again["num_rendered_now"] == 0 and again["num_reused"] == 128
+    assert all(s["reused"] for s in again["splits"].values())
+    capsys.readouterr()
+    # nothing embedded to render: one line naming the data sets
+    assert main(["render", *argv, "data.train.format=folder", f"data.train.root={tmp_path}", "data.val=null",
+                 "data.test=null"]) == 2
+    assert "render: nothing to render (data.train.format=folder)" in capsys.readouterr().err
+
+
+def _stage_config(stage, common, tmp_path):
+    overrides = [runner.PLACEHOLDER.sub("/upstream/artifact", o).replace("{run}", str(tmp_path))
+                 for o in [*common, *stage.overrides]]
+    return compose(stage.experiment, [*overrides, f"paths.cache_dir={tmp_path / 'cache'}"])
+
+
+def test_embedded_pipeline_renders_first_and_its_stages_reuse_that_cache(tmp_path):
+    """experiments/pipeline/embedded.yaml: `render` is stage 1, and the embedded splits of the classifier, generator,
+    synthesis, downstream and probe stages are exactly files it renders (composition only, nothing runs)."""
+    from lightning_synfer.tasks.render import SPLITS, cache_path
+
+    pipe = compose("pipeline/embedded").pipeline
+    stages = {s.name: s for s in pipe.stages}
+    first, second = pipe.stages[0], pipe.stages[1]
+    assert (first.name, first.task, first.title) == ("render", "render", "1. render the real embedded faces")
+    assert second.name == "classifier" and second.title.startswith("2. ")
+    render_cfg = _stage_config(first, pipe.common, tmp_path)
+    rendered = {cache_path(render_cfg, render_cfg.data[n]) for n in SPLITS
+                if render_cfg.data.get(n) is not None and render_cfg.data[n].format == "embedded"}
+    assert len(rendered) == 3
+
+    def loaded(stage) -> set:
+        cfg = _stage_config(stage, pipe.common, tmp_path)
+        names = ("train",) if stage.task == "synthesize" else SPLITS  # synthesis reads AU statistics of data.train
+        return {cache_path(cfg, cfg.data[n]) for n in names
+                if cfg.data.get(n) is not None and cfg.data[n].format == "embedded"}
+
+    reuse = ["classifier", "generator", "synthetic", "real_only", "synthetic_only", "synthetic_only_intended",
+             "mixed_025", "mixed_050", "probe_real", "probe_synthetic", "probe_both"]
+    own_sizes = ["labeler", "ssl_real", "ssl_synthetic", "ssl_both"]  # 1600 training faces: another split
+    no_data = ["generation_quality", "label"]  # read the synthetic set only
+    assert set(stages) == {"render", *reuse, *own_sizes, *no_data}
+    for name in reuse:
+        assert loaded(stages[name]) and loaded(stages[name]) <= rendered, name
+    for name in own_sizes:
+        assert loaded(stages[name]) - rendered, name

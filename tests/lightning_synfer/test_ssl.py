@@ -192,6 +192,84 @@ def test_lr_scales_with_global_batch(tiny):
         module.configure_optimizers()
 
 
+# -- SyncBatchNorm where the method needs it ---------------------------------------------------------------
+
+
+def test_every_method_declares_its_batchnorm_need_and_other_families_do_not_ask(tiny):
+    from lightning_synfer.modules import module_class
+
+    # All four papers normalise over the global batch (MoCo v3, SimCLR "global BN", BYOL cross-replica BN,
+    # DINO's convert_sync_batchnorm); the overrides of the ssl family follow ssl.method.
+    assert {name: cls.needs_sync_batchnorm for name, cls in METHODS.items()} == \
+        {"mocov3": True, "simclr": True, "byol": True, "dino": True}
+    for method in METHODS:
+        cfg = compose(f"ssl/embedded_{method}", tiny(*SMALL))
+        assert SSLModule.trainer_overrides(cfg)["needs_sync_batchnorm"] is True, method
+    # supervised FER keeps per-device statistics, and the generator (GroupNorm) has none to synchronise
+    for family, experiment in (("supervised", "supervised/embedded"), ("generator", "generator/tiny_test")):
+        hook = getattr(module_class(family), "trainer_overrides", lambda cfg: {})
+        assert not hook(compose(experiment)).get("needs_sync_batchnorm", False), family
+
+    class Undeclared(METHODS["simclr"]):
+        needs_sync_batchnorm = None
+
+    with pytest.raises(TypeError, match="Undeclared .*needs_sync_batchnorm"):
+        Undeclared.trainer_overrides(compose("ssl/embedded_simclr", tiny(*SMALL)))
+
+
+@pytest.mark.parametrize("setting,needs,world,accelerator,expected", [
+    (None, True, 2, "gpu", True),     # auto: the method needs it and two processes train
+    (None, True, 1, "gpu", False),    # one process: nothing to synchronise
+    (None, False, 8, "gpu", False),   # the module does not need it
+    (None, True, 2, "cpu", False),    # torch's SyncBatchNorm cannot run on CPU tensors
+    (False, True, 8, "gpu", False),   # forced off
+    (True, False, 1, "cpu", True),    # forced on (a no-op for one process)
+    (True, False, 4, "gpu", True),
+])
+def test_sync_batchnorm_decision(setting, needs, world, accelerator, expected):
+    from lightning_synfer.trainer import resolve_sync_batchnorm
+
+    assert resolve_sync_batchnorm(setting, needs, world, accelerator) is expected
+
+
+def _layer_sync(trainer):
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+
+    # what the Trainer was built with (the DDP strategy applies it to the model in setup; see test_ssl_ddp.py)
+    return isinstance(trainer._accelerator_connector._layer_sync, TorchSyncBatchNorm)
+
+
+def test_factory_turns_sync_batchnorm_on_per_method_and_config(tiny, monkeypatch, capsys):
+    from lightning_synfer import trainer as factory
+    from lightning_synfer.modules import module_class
+
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+    def build(experiment, *extra):
+        cfg = compose(experiment, tiny(*SMALL, *ddp, *extra) if experiment.startswith("ssl/") else tiny(*ddp, *extra))
+        family = module_class(cfg.task)
+        return factory.build_trainer(cfg, None, **getattr(family, "trainer_overrides", lambda c: {})(cfg))
+
+    # On CPU the auto choice stays off (torch cannot synchronise CPU BatchNorm) and says why ...
+    assert not _layer_sync(build("ssl/embedded_mocov3"))
+    assert "sync_batchnorm off" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="trainer.sync_batchnorm=true with 2 processes on cpu"):
+        build("ssl/embedded_mocov3", "trainer.sync_batchnorm=true")
+    # ... on an accelerator that can, every SSL method gets it, supervised FER does not, the config overrides both.
+    monkeypatch.setattr(factory, "sync_batchnorm_supported", lambda accelerator: True)
+    for method in METHODS:
+        assert _layer_sync(build(f"ssl/embedded_{method}")), method
+    assert "sync_batchnorm on" in capsys.readouterr().out
+    assert not _layer_sync(build("ssl/embedded_mocov3", "trainer.sync_batchnorm=false"))
+    assert not _layer_sync(build("supervised/embedded"))
+    assert _layer_sync(build("supervised/embedded", "trainer.sync_batchnorm=true"))
+    assert not _layer_sync(build("ssl/embedded_mocov3", "trainer.devices=1", "trainer.strategy=auto"))
+    # the presets leave the choice to the method (null); old configs with true/false still compose
+    for preset in ("ddp", "multinode"):
+        assert compose("ssl/embedded_mocov3", [f"trainer={preset}"]).trainer.sync_batchnorm is None
+    assert compose("supervised/embedded", ["trainer.sync_batchnorm=true"]).trainer.sync_batchnorm is True
+
+
 # -- pre-train, then the offline evaluations, then evaluate --------------------------------------------------
 
 

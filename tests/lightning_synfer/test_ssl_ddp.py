@@ -3,16 +3,19 @@ give the same (all-reduced, averaged, as DDP does) gradients as one process on t
 
 What this checks: losses with negatives or batch statistics gather across ranks with correct gradients
 (NTXentLoss, MoCoV3Loss key gathering, DINO's all-reduced centre), the kNN metric votes over every rank's
-bank and queries, and BatchNorm in the heads sees the global batch once synchronised. torch's SyncBatchNorm only runs on GPUs, so the 2-process run converts
-every BatchNorm to `GatherBatchNorm`, a CPU equivalent built on lightly's differentiable all-gather (on
-GPUs `trainer.sync_batchnorm` does the same with nn.SyncBatchNorm). The backbone is timm's `test_vit`
+bank and queries, and BatchNorm in the heads sees the global batch once synchronised. torch's SyncBatchNorm only
+runs on GPUs, so the 2-process run converts every BatchNorm to `GatherBatchNorm`, a CPU equivalent built on
+lightly's differentiable all-gather (on GPUs the Trainer factory converts them to nn.SyncBatchNorm, because the
+methods declare `needs_sync_batchnorm`; the last test checks that conversion). The backbone is timm's `test_vit`
 (LayerNorm: no batch statistics). Float64, so the 1e-5 tolerance has plenty of margin.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -152,3 +155,55 @@ def test_two_process_gradients_equal_single_process(tmp_path):
         assert any(k.startswith("projector.") for k in ref), method  # heads (with BN) are covered
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{method} {name}: {m}")
+
+
+class RecordNorms(L.Callback):
+    """Counts the module's BatchNorm layers on every rank once the DDP strategy has set the model up."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        layers = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        counts = {"sync": sum(isinstance(m, nn.SyncBatchNorm) for m in layers), "all": len(layers),
+                  "world": trainer.world_size}
+        name = f"{type(pl_module).__name__}.rank{trainer.global_rank}.json"
+        with open(os.path.join(self.folder, name), "w") as fh:
+            json.dump(counts, fh)
+
+
+@pytest.mark.ddp
+def test_factory_gives_sync_batchnorm_to_the_ssl_method_on_two_processes(tmp_path, monkeypatch):
+    """Two gloo processes (ddp_fork) through `fit` and the Trainer factory, with trainer.sync_batchnorm left at null:
+    MoCo v3 (ResNet-18 backbone + BN heads) trains with nn.SyncBatchNorm only, supervised FER keeps plain BatchNorm.
+    torch runs SyncBatchNorm on GPUs only (a CPU forward raises, and DDP refuses to wrap such a CPU module), so the
+    factory is told the accelerator can, training is skipped (limit_train_batches=0) and the DDP wrapper is left out:
+    what this checks is the conversion that the DDP strategy's setup does with the factory's choice."""
+    from lightning.pytorch.strategies.ddp import DDPStrategy
+
+    from lightning_synfer import trainer as factory
+    from lightning_synfer.tasks import fit
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(factory, "sync_batchnorm_supported", lambda accelerator: True)  # as on GPUs
+    monkeypatch.setattr(DDPStrategy, "_setup_model", lambda self, model: model)  # no DistributedDataParallel
+    record = RecordNorms(str(tmp_path))
+    build = fit.build_trainer
+    monkeypatch.setattr(fit, "build_trainer",
+                        lambda *a, callbacks=(), **k: build(*a, callbacks=[*callbacks, record], **k))
+    common = ["trainer=cpu", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_fork",
+              "trainer.limit_train_batches=0", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+              "logger.tensorboard=false", "data.num_workers=0", "data.batch_size=8", "data.image_size=32",
+              "data.train.num_images=16", "data.val.num_images=16", "data.test=null", "model.backbone=resnet18",
+              f"paths.runs_dir={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    for experiment in ("ssl/embedded_mocov3", "supervised/embedded"):
+        cfg = compose(experiment, common)
+        assert cfg.trainer.sync_batchnorm is None
+        fit.run(cfg)
+    for rank in range(WORLD):
+        moco = json.loads((tmp_path / f"MoCoV3.rank{rank}.json").read_text())
+        sup = json.loads((tmp_path / f"SupervisedFER.rank{rank}.json").read_text())
+        # ResNet-18 has 20 BatchNorm layers (student + EMA teacher), the heads 5 + 2 + the teacher's projector 3
+        assert moco["world"] == sup["world"] == WORLD
+        assert moco["all"] > 20 and moco["sync"] == moco["all"], moco
+        assert sup["all"] == 20 and sup["sync"] == 0, sup

@@ -93,6 +93,37 @@ def test_local_sweep_runs_points_and_skips_finished(tiny, tmp_path):
     assert {n: (root / n / "metrics.json").stat().st_mtime_ns for n in stamps} == stamps
 
 
+@pytest.mark.slow  # two interpreters start torch + Lightning: ~25 s of CPU
+def test_local_sweep_runs_two_points_at_once_in_subprocesses(tiny, tmp_path, monkeypatch):
+    """sweep.parallel=2: both points start as `run.py fit` subprocesses before either finishes; a rerun skips them."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each child starts its own torch
+    argv = _small(tiny, "trainer.fast_dev_run=true", "sweep.grid.data.mix.synthetic_ratio=[0.5]",
+                  "sweep.grid.seed=[0,1]", "sweep.parallel=2")
+    lines: list[str] = []
+    first = sweep.run(compose(None, argv), ["sweep", *argv], log=lines.append)
+    root = Path(first["sweep_dir"])
+    assert first["points"] == ["synthetic_ratio=0.5,seed=0", "synthetic_ratio=0.5,seed=1"]
+    assert sorted(first["done"]) == first["points"] and first["failed"] == {}  # in the order they finished
+    events = [(ln.split(": ")[-1].split(" ")[0], ln) for ln in lines if ln.startswith("[synfer] sweep ") and ": " in ln]
+    order = [kind for kind, _ in events if kind in ("started", "done")]
+    assert order[:2] == ["started", "started"] and order.count("done") == 2, lines  # both ran at the same time
+    pids = {ln.split("(pid ")[1].split(",")[0] for kind, ln in events if kind == "started"}
+    assert len(pids) == 2 and str(os.getpid()) not in pids  # two child processes, not this one
+    stamps = {}
+    for seed, name in enumerate(first["points"]):
+        metrics = json.loads((root / name / "metrics.json").read_text())
+        assert metrics["seed"] == seed and metrics["global_step"] == 1
+        assert "[synfer] metrics:" in (root / "logs" / f"{name}.log").read_text()  # each child wrote its own log
+        stamps[name] = (root / name / "metrics.json").stat().st_mtime_ns
+    assert (root / "table.md").is_file()
+
+    lines.clear()
+    again = sweep.run(compose(None, argv), ["sweep", *argv], log=lines.append)
+    assert again["skipped"] == first["points"] and again["pending"] == [] and again["done"] == []
+    assert not [ln for ln in lines if "started" in ln]  # no subprocess was launched
+    assert {n: (root / n / "metrics.json").stat().st_mtime_ns for n in stamps} == stamps
+
+
 def _fake_tool(folder: Path, name: str, body: str) -> None:
     folder.mkdir(exist_ok=True)
     path = folder / name

@@ -88,3 +88,41 @@ def test_table_cli_group_by_and_errors(tmp_path, capsys):
     assert main(["table", str(tmp_path / "nowhere")]) == 2
     with pytest.raises(ValueError, match="--metrics fid: not in any metrics.json; available: test.accuracy"):
         build_tables([tmp_path / "sweep"], metrics=["fid"])
+
+
+# synthetic-only accuracy at 1x, 3x and 5x the real set (the paper's scale table); per-seed test accuracy
+SCALES = {1.0: (0.5, 0.75), 3.0: (0.625, 0.875), 5.0: (0.75, 1.0)}
+
+
+def test_table_and_plot_against_scale(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    for scale, accs in SCALES.items():
+        for seed, acc in enumerate(accs):
+            config = {"seed": seed, "experiment": "paper/synthetic_only/affectnet_resnet50",
+                      "data": {"mix": {"synthetic_ratio": 1.0, "synthetic_scale": scale}}}
+            _run(tmp_path / "sweep", f"scale{scale}-s{seed}", config,
+                 {"task": "fit", "seed": seed, "test": {"accuracy": acc, "macro_f1": acc / 2}})
+    plotted = []
+    errorbar = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda ax, x, y, yerr=None, **kw: (
+        plotted.append((list(x), list(y), list(yerr))), errorbar(ax, x, y, yerr=yerr, **kw))[1])
+
+    out = tmp_path / "out"
+    assert main(["table", str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text().splitlines()
+    assert md[0] == "| data.mix.synthetic_scale | runs | seeds | test.accuracy (%) | test.macro_f1 (%) |"
+    assert md[2:] == ["| 1.0 | 2 | 0,1 | 62.50 ± 17.68 | 31.25 ± 8.84 |",
+                      "| 3.0 | 2 | 0,1 | 75.00 ± 17.68 | 37.50 ± 8.84 |",
+                      "| 5.0 | 2 | 0,1 | 87.50 ± 17.68 | 43.75 ± 8.84 |"]
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert [r["data.mix.synthetic_scale"] for r in rows] == ["1.0", "3.0", "5.0"]
+    assert [float(r["test.accuracy_mean"]) for r in rows] == [0.625, 0.75, 0.875]
+    png = out / "accuracy_vs_synthetic_scale.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert not (out / "accuracy_vs_synthetic_ratio.png").exists()  # the ratio did not vary
+    # one line: accuracy (%) against the scale, error bars the std over seeds
+    assert len(plotted) == 1
+    xs, ys, es = plotted[0]
+    assert xs == [1.0, 3.0, 5.0] and ys == pytest.approx([62.5, 75.0, 87.5])
+    assert es == pytest.approx([100 * 0.125 * 2 ** 0.5] * 3)

@@ -28,7 +28,10 @@ class SSLModule:
 
     task_name = "ssl"
     build_datamodule = staticmethod(SSLBase.build_datamodule)
-    trainer_overrides = staticmethod(SSLBase.trainer_overrides)
+
+    @staticmethod
+    def trainer_overrides(cfg) -> dict:
+        return method_class(cfg.ssl.method).trainer_overrides(cfg)  # the method's own needs (SyncBatchNorm)
 
     def __new__(cls, config: dict, label_names: Sequence[str], normalization: Optional[dict] = None) -> SSLBase:
         return method_class(config["ssl"]["method"])(config, label_names, normalization)

@@ -110,6 +110,9 @@ class SSLDataModule(FERDataModule):
 class SSLBase(L.LightningModule):
     task_name = "ssl"
     num_global_views = 2
+    # Every method says whether its BatchNorm layers need statistics over the global batch (from its paper);
+    # with trainer.sync_batchnorm=null the Trainer factory then turns on SyncBatchNorm for multi-GPU runs.
+    needs_sync_batchnorm: Optional[bool] = None
 
     def __init__(self, config: dict, label_names: Sequence[str], normalization: Optional[dict] = None) -> None:
         super().__init__()
@@ -139,12 +142,16 @@ class SSLBase(L.LightningModule):
     def build_datamodule(cfg: DictConfig, module: "SSLBase", run_dir: str) -> SSLDataModule:
         return SSLDataModule(cfg, normalization=module.normalization, run_dir=run_dir)
 
-    @staticmethod
-    def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    @classmethod
+    def trainer_overrides(cls, cfg: DictConfig) -> dict[str, Any]:
+        if not isinstance(cls.needs_sync_batchnorm, bool):
+            raise TypeError(f"{cls.__name__} (ssl.method={cfg.ssl.method}) must set the class attribute "
+                            f"needs_sync_batchnorm to True or False; got {cls.needs_sync_batchnorm!r}")
+        out: dict[str, Any] = {"needs_sync_batchnorm": cls.needs_sync_batchnorm}
         if cfg.data.val is None:
-            return {"monitor": None, "limit_val_batches": 0}
+            return {**out, "monitor": None, "limit_val_batches": 0}
         online = cfg.ssl.online
-        return {"monitor": "val/knn_acc" if online.knn else "val/linear_acc" if online.linear_probe else None}
+        return {**out, "monitor": "val/knn_acc" if online.knn else "val/linear_acc" if online.linear_probe else None}
 
     def fit_metrics(self, trainer: L.Trainer, datamodule: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.cfg.ssl.method}

@@ -10,6 +10,9 @@ from lightning_synfer.modules.ssl.momentum import MomentumSSL
 
 
 class BYOL(MomentumSSL):
+    # Grill et al. 2020: BN statistics over the whole 4096 batch (cross-replica BN on 512 TPU cores).
+    needs_sync_batchnorm = True
+
     def __init__(self, config, label_names, normalization=None) -> None:
         super().__init__(config, label_names, normalization)
         s = self.cfg.ssl

@@ -11,6 +11,10 @@ from lightning_synfer.modules.ssl.momentum import MomentumSSL
 
 
 class DINO(MomentumSSL):
+    # Caron et al. 2021 (official code): SyncBN whenever the model has BatchNorm (ResNet-50, BN heads);
+    # converting a BatchNorm-free ViT is a no-op.
+    needs_sync_batchnorm = True
+
     def __init__(self, config, label_names, normalization=None) -> None:
         super().__init__(config, label_names, normalization)
         s = self.cfg.ssl

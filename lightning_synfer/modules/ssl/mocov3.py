@@ -13,6 +13,9 @@ from lightning_synfer.modules.ssl.momentum import MomentumSSL
 
 
 class MoCoV3(MomentumSSL):
+    # Chen, Xie & He 2021 (implementation details, official code): SyncBN in the encoder and both MLP heads.
+    needs_sync_batchnorm = True
+
     def __init__(self, config, label_names, normalization=None) -> None:
         super().__init__(config, label_names, normalization)
         s = self.cfg.ssl

@@ -24,7 +24,8 @@ class MomentumSSL(SSLBase):
         """Copy the student modules `names` (attributes of self) into self.teacher, without gradients:
         a deep copy, or `factories[name]()` loaded with the student's weights (weight-normed layers,
         as in the DINO head, cannot be deep-copied). The teacher stays in train mode with the module, so
-        its BatchNorm uses batch statistics (MoCo v3, BYOL); `trainer.sync_batchnorm` converts it too."""
+        its BatchNorm uses batch statistics (MoCo v3, BYOL); SyncBatchNorm (the method's
+        `needs_sync_batchnorm`, or `trainer.sync_batchnorm=true`) converts it too."""
         for name in names:
             student = getattr(self, name)
             if name in factories:

@@ -9,6 +9,9 @@ from lightning_synfer.modules.ssl.base import SSLBase
 
 
 class SimCLR(SSLBase):
+    # Chen et al. 2020, Sec. 2.2 "Global BN": per-device BN statistics leak which samples are positives.
+    needs_sync_batchnorm = True
+
     def __init__(self, config, label_names, normalization=None) -> None:
         super().__init__(config, label_names, normalization)
         s = self.cfg.ssl

@@ -1,0 +1,198 @@
+"""Every experiment config that is not full-scale runs its task once, with trainer.fast_dev_run=true, on fixtures.
+
+Each config under experiments/ is in exactly one of three lists:
+
+- RUN: run here (one slow parametrized test). FER2013 configs read a tiny class-folder fixture, the tasks that
+  need inputs get small real ones built once per module (a generator export, classifier / labeler / SSL
+  checkpoints saved the way `fit` saves them, a synthetic set, a folder of faces);
+- COVERED: already run with fast_dev_run by the named test (checked below to exist and to name the config);
+- FULL_SCALE: needs real datasets (AffectNet, RAF-DB, SFEW) or a Stable Diffusion folder; test_config.py and
+  test_paper_configs.py compose and validate them.
+
+A new config fails `test_every_config_is_run_covered_or_full_scale` until it is put in one of them.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from fixtures import FER2013_FOLDERS, make_folder_dataset, make_synthetic_set, write_image
+from lightning_synfer.cli import TASKS, _load
+from lightning_synfer.config import compose, list_experiments, to_container
+
+HERE = Path(__file__).resolve().parent
+
+# config -> "test file::test function" whose fast_dev_run (or, for the pipeline, shrunk end-to-end run) covers it
+COVERED = {
+    "supervised/embedded": "test_fit_evaluate.py::test_fast_dev_run_fit",
+    "generator/embedded": "test_generator.py::test_fit_fast_dev_run_embedded",
+    "labeler/embedded": "test_labeler.py::test_fit_fast_dev_run",
+    "ssl/embedded_mocov3": "test_ssl.py::test_fast_dev_run",
+    "ssl/embedded_simclr": "test_ssl.py::test_fast_dev_run",
+    "ssl/embedded_byol": "test_ssl.py::test_fast_dev_run",
+    "ssl/embedded_dino": "test_ssl.py::test_fast_dev_run",
+    "ssl/embedded_mocov3_synthetic": "test_ssl.py::test_fast_dev_run",
+    "sweeps/embedded_ratio": "test_sweeps.py::test_local_sweep_runs_points_and_skips_finished",
+    # every stage, a few steps each: fast_dev_run would leave the stages without the checkpoints later ones read
+    "pipeline/embedded": "test_pipeline.py::test_main_pipeline_runs_end_to_end_shrunk",
+}
+# config -> what it needs that no fixture here stands in for
+FULL_SCALE = {
+    "generator/sd15_synfer": "a Stable Diffusion 1.5 folder and RAF-DB",
+    "ssl/finetune_rafdb": "RAF-DB",
+    "ssl/mocov3_affectnet_r50": "AffectNet",
+    "ssl/mocov3_both_r50": "AffectNet and a SynFER set",
+    "ssl/mocov3_synfer_r50": "AffectNet and a SynFER set",
+    "ssl/probe_affectnet": "AffectNet",
+    "ssl/probe_rafdb": "RAF-DB",
+    "ssl/probe_sfew": "SFEW",
+}
+FULL_SCALE_PREFIX = "paper/"  # every paper table config (test_paper_configs.py)
+
+# From test_generator.py: a generator that trains a step in about a second.
+TINY_GENERATOR = ["generator.text_encoder=tiny", "generator.text_max_length=16",
+                  "generator.block_out_channels=[8,16]", "generator.attention_levels=[false,true]",
+                  "generator.au_hidden=32", "generator.cross_attention_dim=32", "generator.sample_every_n_steps=0",
+                  "trainer.limit_val_batches=1"]
+# From test_ssl.py: a backbone without batch statistics and small heads.
+TINY_SSL = ["model.backbone=test_vit", "ssl.proj_hidden_dim=32", "ssl.pred_hidden_dim=32", "ssl.proj_output_dim=16",
+            "data.train.num_images=32", "data.synthetic.num_images=32"]
+# From test_synthesis.py: 16 px generator, 2 DDIM steps; both images in one predict batch (fast_dev_run: 1 batch).
+TINY_SYNTH = ["data.image_size=16", "data.train.num_images=32", "synth.num_images=2", "synth.batch_size=2",
+              "sampling.steps=2", "synth.shard_size=4"]
+
+# config -> (task, builder of its overrides from the fixtures)
+RUN = {
+    "supervised/fer2013_resnet18": ("fit", lambda a: [f"paths.fer2013={a['fer2013']}"]),
+    "fer2013/real_only_cycle2": ("fit", lambda a: [f"paths.fer2013={a['fer2013']}"]),
+    "generator/fer2013": ("fit", lambda a: [f"paths.fer2013={a['fer2013']}", *TINY_GENERATOR]),
+    "generator/tiny_test": ("fit", lambda a: ["generator.sample_every_n_steps=0", "trainer.limit_val_batches=1"]),
+    "labeler/embedded_timm": ("fit", lambda a: []),
+    "ssl/embedded_mocov3_both": ("fit", lambda a: TINY_SSL),
+    "ssl/embedded_linear": ("linear", lambda a: [f"ckpt={a['ssl']}"]),
+    "ssl/embedded_finetune": ("finetune", lambda a: [f"ckpt={a['ssl']}"]),
+    "generator/synthesize_embedded": ("synthesize", lambda a: [f"gen.ckpt={a['gen']}", *TINY_SYNTH]),
+    "generator/synthesize_sg": ("synthesize", lambda a: [f"gen.ckpt={a['gen']}", f"sg.ckpt={a['judge']}", *TINY_SYNTH]),
+    "generator/synthesize_layout": ("synthesize", lambda a: [f"gen.ckpt={a['gen']}", f"layout.root={a['faces']}",
+                                                             *TINY_SYNTH]),
+    "generator/evaluate_generation": ("evaluate-generation", lambda a: [
+        f"synth.dir={a['synthetic']}", f"judge.ckpt={a['judge']}", f"real.root={a['faces']}",
+        "judge.kid_subset_size=3", "judge.batch_size=4"]),
+    "labeler/rectify": ("label", lambda a: [f"labelers=[{a['labeler']},{a['judge']}]", "label.batch_size=8"]),
+    "labeler/no_labeler": ("label", lambda a: []),
+}
+EMBEDDED_DATA = {"labeler/embedded_timm", "ssl/embedded_mocov3_both", "ssl/embedded_linear", "ssl/embedded_finetune",
+                 "generator/tiny_test"}  # the others read fixtures or set their own sizes (TINY_SYNTH)
+
+
+def _is_full_scale(name: str) -> bool:
+    return name.startswith(FULL_SCALE_PREFIX) or name in FULL_SCALE
+
+
+def test_every_config_is_run_covered_or_full_scale():
+    names = set(list_experiments())
+    lists = {"RUN": set(RUN), "COVERED": set(COVERED), "FULL_SCALE": {n for n in names if _is_full_scale(n)}}
+    for a, b in (("RUN", "COVERED"), ("RUN", "FULL_SCALE"), ("COVERED", "FULL_SCALE")):
+        assert not lists[a] & lists[b], f"in both {a} and {b}: {sorted(lists[a] & lists[b])}"
+    unlisted = names - set().union(*lists.values())
+    assert not unlisted, f"experiments/{sorted(unlisted)[0]}.yaml: add it to RUN, COVERED or FULL_SCALE in {__file__}"
+    assert not set().union(*lists.values()) - names, "a listed config no longer exists"
+
+
+def test_covered_configs_name_a_fast_dev_run_that_exists():
+    for name, where in COVERED.items():
+        file, function = where.split("::")
+        text = (HERE / file).read_text()
+        node = next((n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == function), None)
+        assert node is not None, f"{name}: {where} does not exist"
+        assert name in text or f'"{name.split("/")[-1]}"' in text, f"{file} never names {name}"
+        if name != "pipeline/embedded":
+            assert "fast_dev_run=true" in ast.get_source_segment(text, node), f"{where} is not a fast_dev_run"
+
+
+def test_full_scale_configs_read_external_data_or_models():
+    for name in FULL_SCALE:
+        cfg = compose(name)
+        external = [n for n in ("train", "val", "test", "synthetic")
+                    if cfg.data.get(n) is not None and cfg.data[n].format != "embedded"]
+        assert external or cfg.generator.profile == "sd", f"{name} needs no external data: run it in RUN instead"
+
+
+# -- the runs -------------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(module, path: Path) -> Path:
+    """As `fit` saves it: weights, hyper-parameters and the module's synfer metadata."""
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from datamodules.labels import CANONICAL_8
+    from datamodules.procedural.aus import AU_NAMES
+    from lightning_synfer.modules.generator import GeneratorModule
+    from lightning_synfer.modules.labeler import PseudoLabelerModule
+    from lightning_synfer.modules.ssl import SSLModule
+    from lightning_synfer.modules.supervised import SupervisedFER
+
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {"fer2013": make_folder_dataset(root / "fer2013", FER2013_FOLDERS, per_class=2, size=48, split="train")}
+    make_folder_dataset(root / "fer2013", FER2013_FOLDERS, per_class=2, size=48, split="val")
+    for i in range(4):
+        write_image(root / "faces" / f"face{i}.png", size=24, mode="L", seed=i)
+    out["faces"] = root / "faces"
+    out["synthetic"] = make_synthetic_set(root / "synthetic", n=8, num_classes=8, size=16, mode="L")
+    torch.manual_seed(0)
+    gen_cfg = compose("generator/tiny_test", ["data.image_size=16"])
+    out["gen"] = GeneratorModule(config=to_container(gen_cfg), label_names=list(CANONICAL_8)).save_pretrained(
+        root / "generator")
+    judge_cfg = compose("supervised/embedded", ["model.au_head=true", "data.image_size=16", "data.num_classes=7",
+                                                "model.backbone=resnet10t", "logger.log_confusion_matrix=false"])
+    out["judge"] = _save_checkpoint(SupervisedFER(config=to_container(judge_cfg), label_names=list(CANONICAL_8[:7]),
+                                                  au_names=list(AU_NAMES)), root / "judge.ckpt")
+    lab_cfg = compose("labeler/embedded", ["data.image_size=16", "labeler.dim=16", "labeler.heads=2",
+                                           f"paths.cache_dir={root}"])
+    out["labeler"] = _save_checkpoint(PseudoLabelerModule(to_container(lab_cfg), list(CANONICAL_8)), root / "lab.ckpt")
+    ssl_cfg = compose("ssl/embedded_mocov3", ["data.image_size=32", *TINY_SSL[:4]])
+    out["ssl"] = _save_checkpoint(SSLModule(to_container(ssl_cfg), list(CANONICAL_8)), root / "ssl.ckpt")
+    return out
+
+
+def _check(task: str, metrics: dict) -> None:
+    if task in ("fit", "linear", "finetune"):
+        assert metrics["global_step"] == 1, metrics  # fast_dev_run: one training step
+    if task in ("linear", "finetune"):
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+    if task == "synthesize":
+        assert metrics["complete"] and metrics["num_records"] == 2
+    if task == "evaluate-generation":
+        assert metrics["num_images"] == 7 and 0.0 <= metrics["fer_accuracy"] <= 1.0  # contempt: not a judge class
+    if task == "label":
+        assert metrics["version"] == 2 and metrics["num_records"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RUN))
+def test_config_runs_fast_dev_run_on_fixtures(name, artifacts, tmp_path):
+    task, build = RUN[name]
+    extra = ["trainer.fast_dev_run=true", *build(artifacts)]
+    if task == "synthesize":
+        extra.append(f"synth.out={tmp_path / 'synthetic'}")
+    if task == "label":  # writes manifest.v2.jsonl: a copy per run
+        extra.append(f"synth.dir={shutil.copytree(artifacts['synthetic'], tmp_path / 'synthetic')}")
+    argv = [f"experiment={name}", *tiny_overrides(tmp_path, *extra, embedded=name in EMBEDDED_DATA)]
+    cfg = compose(name, argv[1:])
+    assert cfg.trainer.fast_dev_run is True
+    metrics = _load(TASKS[task][0])(cfg, [task, *argv])
+    written = sorted((tmp_path / "runs").rglob("metrics.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["task"] == metrics["task"]
+    _check(task, metrics)
