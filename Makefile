@@ -14,8 +14,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# The main job's models are tiny: one thread each runs them faster than two that contend (docs/ARCHITECTURE.md).
 demo: $(STAMP)
-	$(BIN)/python run.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python run.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --timeout=900 tests
