@@ -127,6 +127,14 @@ def scan_headers(records: Sequence[Record], bad: BadImageLog, policy: str, sourc
     return kept
 
 
+def embedded_split_args(cfg: DictConfig, ds_cfg: DictConfig) -> dict[str, Any]:
+    """render_split_cached / cache_file arguments of an embedded data set config: one place, so the `render` task
+    finds exactly the cache files this DataModule reads."""
+    return dict(split=ds_cfg.split, num_images=ds_cfg.num_images or 1000, size=cfg.data.image_size,
+                channels=cfg.data.channels, seed=ds_cfg.seed, num_classes=cfg.data.num_classes,
+                cache_dir=os.path.join(cfg.paths.cache_dir, "embedded"))
+
+
 class FERDataModule(L.LightningDataModule):
     """Builds train (mixed), val and test loaders from `cfg.data`.
 
@@ -159,11 +167,7 @@ class FERDataModule(L.LightningDataModule):
         if ds_cfg.format == "embedded":
             from datamodules.procedural.dataset import render_split_cached
 
-            split = render_split_cached(
-                split=ds_cfg.split, num_images=ds_cfg.num_images or 1000, size=self.data.image_size,
-                channels=self.data.channels, seed=ds_cfg.seed, num_classes=self.data.num_classes,
-                cache_dir=os.path.join(self.cfg.paths.cache_dir, "embedded"))
-            return split.to_records(domain=0)
+            return render_split_cached(**embedded_split_args(self.cfg, ds_cfg)).to_records(domain=0)
         from datamodules.adapters import load_records
 
         if not ds_cfg.root:

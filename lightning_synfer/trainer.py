@@ -247,8 +247,7 @@ def build_trainer(
     # The Trainer knows the cluster environment (SLURM, torchrun) and the devices it found, so the automatic
     # choice reads its world size; a rebuild happens only for a multi-GPU run of a family that needs it.
     accelerator = _accelerator_name(trainer)
-    if resolve_sync_batchnorm(setting, needs_sync_batchnorm, world_size_of(trainer), accelerator) \
-            and not setting:
+    if setting is None and resolve_sync_batchnorm(None, needs_sync_batchnorm, world_size_of(trainer), accelerator):
         trainer = _trainer(kwargs, True)
     if setting and trainer.world_size > 1 and not sync_batchnorm_supported(accelerator):
         raise ValueError(f"trainer.sync_batchnorm=true with {trainer.world_size} processes on "

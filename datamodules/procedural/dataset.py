@@ -151,6 +151,13 @@ def cache_key(split: str, num_images: int, size: int, channels: int, seed: int, 
     return hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_file(cache_dir: str | os.PathLike, split: str, num_images: int, size: int, channels: int, seed: int,
+               num_classes: int, identities_per_split: Optional[int] = None) -> Path:
+    """Where render_split_cached keeps a split: `<cache_dir>/embedded-<split>-<hash>.npz`."""
+    key = cache_key(split, num_images, size, channels, seed, num_classes, identities_per_split)
+    return Path(os.path.expanduser(str(cache_dir))) / f"embedded-{split}-{key}.npz"
+
+
 def render_split_cached(
     split: str,
     num_images: int,
@@ -167,9 +174,8 @@ def render_split_cached(
     read a half-written cache; a corrupt cache file is re-rendered.
     """
     space = _check_args(split, num_images, size, channels, num_classes, identities_per_split)
-    cache_dir = Path(os.path.expanduser(str(cache_dir)))
-    key = cache_key(split, num_images, size, channels, seed, num_classes, identities_per_split)
-    path = cache_dir / f"embedded-{split}-{key}.npz"
+    path = cache_file(cache_dir, split, num_images, size, channels, seed, num_classes, identities_per_split)
+    cache_dir = path.parent
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as data:

@@ -13,7 +13,6 @@ It is the main job's first stage (experiments/pipeline/embedded.yaml); the stage
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,11 +30,10 @@ SAMPLES_PER_CLASS = 8
 
 def cache_path(cfg: DictConfig, ds_cfg: DictConfig) -> Path:
     """The cache file FERDataModule reads or writes for an embedded dataset config (same arguments as its loader)."""
-    from datamodules.procedural.dataset import cache_key
+    from datamodules.datamodule import embedded_split_args
+    from datamodules.procedural.dataset import cache_file
 
-    key = cache_key(ds_cfg.split, ds_cfg.num_images or 1000, cfg.data.image_size, cfg.data.channels, ds_cfg.seed,
-                    cfg.data.num_classes, None)
-    return Path(os.path.expanduser(str(cfg.paths.cache_dir))) / "embedded" / f"embedded-{ds_cfg.split}-{key}.npz"
+    return cache_file(**embedded_split_args(cfg, ds_cfg))
 
 
 def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
