@@ -132,7 +132,7 @@ def embedded_split_args(cfg: DictConfig, ds_cfg: DictConfig) -> dict[str, Any]:
     finds exactly the cache files this DataModule reads."""
     return dict(split=ds_cfg.split, num_images=ds_cfg.num_images or 1000, size=cfg.data.image_size,
                 channels=cfg.data.channels, seed=ds_cfg.seed, num_classes=cfg.data.num_classes,
-                cache_dir=os.path.join(cfg.paths.cache_dir, "embedded"))
+                identities_per_split=ds_cfg.get("identities"), cache_dir=os.path.join(cfg.paths.cache_dir, "embedded"))
 
 
 class FERDataModule(L.LightningDataModule):

@@ -82,6 +82,7 @@ class DatasetConfig:
     num_images: int = 0  # embedded: how many faces to render; others: 0 = all, N = first N after shuffle
     seed: int = 0  # embedded: rendering seed; others: subset selection seed
     version: Optional[int] = None  # synthetic: manifest version (None = newest)
+    identities: Optional[int] = None  # embedded: how many people the split draws (None: about one per 8 images)
 
 
 @dataclass
@@ -166,6 +167,13 @@ class EvalConfig:
     """`evaluate` and the offline probes read the test set from data.test."""
 
     tta_hflip: bool = False  # average the class probabilities of the image and its mirror (val, test, evaluate)
+    # Five-crop test-time augmentation (ten-crop with tta_hflip): also average over the four corner crops and
+    # the centre crop, each tta_crop_fraction of the side and resized back to the input size.
+    tta_crops: bool = False
+    tta_crop_fraction: float = 0.9
+    # `evaluate` only: more checkpoints whose class probabilities are averaged with ckpt's (a snapshot or
+    # seed ensemble); all must share ckpt's label names and input normalisation.
+    ensemble: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -29,6 +29,20 @@ def default_normalization(cfg: DictConfig, backbone: nn.Module) -> dict:
             "image_size": int(cfg.data.image_size), "channels": int(channels)}
 
 
+def five_crops(images: torch.Tensor, fraction: float) -> list[torch.Tensor]:
+    """The four corner crops and the centre crop of `fraction` of the side, each resized back to the input size
+    (the scale that training's random resized crop shows the network)."""
+    import torch.nn.functional as F
+
+    h, w = images.shape[-2:]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    tops_lefts = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), ((h - ch) // 2, (w - cw) // 2)]
+    crops = [images[..., t:t + ch, l:l + cw] for t, l in tops_lefts]
+    if (ch, cw) == (h, w):
+        return crops
+    return [F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False) for c in crops]
+
+
 class FERClassifierModule(L.LightningModule):
     task_name = "classifier"
 
@@ -69,13 +83,29 @@ class FERClassifierModule(L.LightningModule):
     def tta_hflip(self, value: bool) -> None:
         self._tta_hflip = bool(value)
 
+    @property
+    def tta_crops(self) -> Optional[float]:
+        """The crop fraction of five-crop TTA (eval.tta_crops), or None when it is off."""
+        if hasattr(self, "_tta_crops"):
+            return self._tta_crops
+        ev = self.cfg.get("eval", {})
+        return float(ev.get("tta_crop_fraction", 0.9)) if ev.get("tta_crops", False) else None
+
+    @tta_crops.setter
+    def tta_crops(self, fraction: Optional[float]) -> None:
+        if fraction is not None and not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"eval.tta_crop_fraction={fraction}: expected a fraction of the side in (0, 1]")
+        self._tta_crops = None if fraction is None else float(fraction)
+
     def _eval_logits(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self(images)
+        """Logits, or with TTA the log of the mean softmax over the views, so that argmax and softmax stay valid."""
+        if not self.tta_hflip and self.tta_crops is None:
+            return self(images)
+        views = [images] if self.tta_crops is None else five_crops(images, self.tta_crops)
         if self.tta_hflip:
-            # Mean of the two softmaxes, returned as log-probabilities so argmax and softmax stay valid.
-            probs = 0.5 * (logits.float().softmax(-1) + self(images.flip(-1)).float().softmax(-1))
-            logits = probs.clamp_min(1e-12).log()
-        return logits
+            views = views + [v.flip(-1) for v in views]
+        probs = torch.stack([self(v).float().softmax(-1) for v in views]).mean(0)
+        return probs.clamp_min(1e-12).log()
 
     def _eval_step(self, batch: dict[str, Any], metrics: FERMetrics,
                    domain_metrics: Optional[nn.ModuleDict] = None) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """`python run.py evaluate ckpt=PATH data.test.root=DIR [data.test.format=folder|rafdb|affectnet|sfew]`.
 
+`eval.ensemble=[PATH,...]` averages the class probabilities of more checkpoints with ckpt's; `eval.tta_hflip`
+and `eval.tta_crops` (five crops, ten with the flip) average over views of each image.
+
 Classes the test set has and the model lacks (contempt for a 7-class model) are reported and left
 out, with a warning; classes the model has and the test set lacks are fine.
 """
@@ -54,7 +57,13 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not cfg.ckpt:
         raise ConfigError("evaluate needs ckpt=PATH (a checkpoint written by fit, label or the probes)")
     module = load_module(cfg.ckpt, tasks=CLASSIFIER_TASKS)
+    if cfg.eval.ensemble:
+        from lightning_synfer.modules.ensemble import EnsembleClassifier
+
+        paths = [str(cfg.ckpt), *map(str, cfg.eval.ensemble)]
+        module = EnsembleClassifier([module, *(load_module(p, tasks=CLASSIFIER_TASKS) for p in paths[1:])], paths)
     module.tta_hflip = cfg.eval.tta_hflip
+    module.tta_crops = cfg.eval.tta_crop_fraction if cfg.eval.tta_crops else None
     run_dir = start_run(cfg, argv)
     dm, records, excluded = test_records(cfg, module.label_names, module.normalization)
     from torch.utils.data import DataLoader
@@ -73,6 +82,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     metrics = report(module.last_test_summary, module.label_names, extra={
         "task": "evaluate", "ckpt": str(cfg.ckpt), "test_root": cfg.data.test.root,
         "test_format": cfg.data.test.format, "excluded_classes": excluded, "tta_hflip": module.tta_hflip,
+        "tta_crops": module.tta_crops, "ensemble": list(map(str, cfg.eval.ensemble)),
         "num_skipped": dm.num_skipped + len(ds.bad), "wall_time_s": clock["wall_time_s"], **peak_memory_mb()})
     print(format_table(metrics), flush=True)
     return finish(run_dir, metrics)

@@ -223,3 +223,21 @@ def test_cache_roundtrip_and_recovery(tmp_path):
     assert healed.images.tobytes() == first.images.tobytes()
     render_split_cached("val", 16, size=32, seed=6, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("embedded-val-*.npz"))) == 2
+
+
+def test_config_sets_the_number_of_identities(tmp_path):
+    """data.<split>.identities reaches the renderer and keys the cache (more images per person for SSL)."""
+    from omegaconf import OmegaConf
+
+    from datamodules.datamodule import embedded_split_args
+    from datamodules.procedural.dataset import cache_file, render_split_cached
+
+    cfg = OmegaConf.create({"data": {"image_size": 16, "channels": 1, "num_classes": 8},
+                            "paths": {"cache_dir": str(tmp_path)}})
+    few = embedded_split_args(cfg, OmegaConf.create({"split": "train", "num_images": 40, "seed": 0,
+                                                     "identities": 4}))
+    default = embedded_split_args(cfg, OmegaConf.create({"split": "train", "num_images": 40, "seed": 0}))
+    assert few["identities_per_split"] == 4 and default["identities_per_split"] is None
+    assert cache_file(**few) != cache_file(**default)
+    assert len(set(render_split_cached(**few).identity_ids.tolist())) == 4
+    assert len(set(render_split_cached(**default).identity_ids.tolist())) == 16

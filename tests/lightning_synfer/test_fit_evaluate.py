@@ -165,6 +165,62 @@ def test_tta_hflip_averages_image_and_mirror_probabilities(tiny):
         assert torch.allclose(module._eval_logits(images), module(images))
 
 
+def test_tta_crops_average_five_resized_crops_and_their_mirrors(tiny):
+    import torch.nn.functional as F
+
+    from lightning_synfer.modules.base import five_crops
+    from lightning_synfer.modules.supervised import SupervisedFER
+
+    images = torch.arange(2 * 1 * 10 * 10, dtype=torch.float32).reshape(2, 1, 10, 10)
+    crops = five_crops(images, 0.8)
+    assert len(crops) == 5 and all(c.shape == images.shape for c in crops)
+    # the bottom-right crop is rows/cols 2..9, resized back to 10x10
+    expected = F.interpolate(images[..., 2:, 2:], size=(10, 10), mode="bilinear", align_corners=False)
+    assert torch.equal(crops[3], expected)
+    assert all(torch.equal(c, images) for c in five_crops(images, 1.0))
+
+    cfg = compose("supervised/embedded", tiny("eval.tta_crops=true", "eval.tta_crop_fraction=0.75",
+                                              "eval.tta_hflip=true"))
+    module = SupervisedFER(config=cfg, label_names=[f"c{i}" for i in range(cfg.data.num_classes)]).eval()
+    assert module.tta_crops == 0.75
+    x = torch.rand(3, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    with torch.no_grad():
+        views = five_crops(x, 0.75)
+        views += [v.flip(-1) for v in views]
+        expected = torch.stack([module(v).softmax(-1) for v in views]).mean(0)
+        assert torch.allclose(module._eval_logits(x).softmax(-1), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="tta_crop_fraction"):
+        module.tta_crops = 1.5
+
+
+def test_evaluate_ensemble_averages_member_probabilities(tiny, tmp_path):
+    from lightning_synfer.modules.ensemble import EnsembleClassifier
+    from lightning_synfer.tasks import evaluate
+
+    cfg7 = ("data.num_classes=7", "data.channels=1", "trainer.max_epochs=1")
+    ckpts = []
+    for seed in (0, 1):
+        fit.run(compose("supervised/embedded", tiny(*cfg7, f"seed={seed}")))
+        ckpts.append(max((tmp_path / "runs").rglob("best.ckpt"), key=lambda p: p.stat().st_mtime))
+    assert ckpts[0] != ckpts[1]
+    members = [load_module(p) for p in ckpts]
+    ensemble = EnsembleClassifier(members, [str(p) for p in ckpts])
+    x = torch.rand(4, 1, members[0].normalization["image_size"], members[0].normalization["image_size"])
+    with torch.no_grad():
+        expected = 0.5 * (members[0](x).softmax(-1) + members[1](x).softmax(-1))
+        assert torch.allclose(ensemble(x).softmax(-1), expected, atol=1e-5)
+
+    folder = make_folder_dataset(tmp_path / "faces", classes=("happy", "sad"), per_class=3, size=40)
+    metrics = evaluate.run(compose("supervised/embedded", tiny(
+        f"ckpt={ckpts[0]}", f"eval.ensemble=[{ckpts[1]}]", f"data.test.root={folder}", "data.test.format=folder",
+        "data.test.split=test", "task=supervised")))
+    assert metrics["ensemble"] == [str(ckpts[1])] and metrics["num_images"] == 6
+
+    eight = fit.run(compose("supervised/embedded", tiny("data.num_classes=8", "trainer.max_epochs=1", "seed=2")))
+    with pytest.raises(ValueError, match="share one label space"):
+        EnsembleClassifier([members[0], load_module(eight["best_checkpoint"])], [str(ckpts[0]), "eight.ckpt"])
+
+
 def test_au_head_is_built_and_saved_by_fit(tiny, tmp_path):
     """model.au_head=true through `fit` (not only when a caller passes AU names) gives a judge with an AU head."""
     from datamodules.procedural.aus import AU_NAMES
