@@ -73,6 +73,12 @@ def load_module(path: str | os.PathLike, *, tasks: Optional[Sequence[str]] = Non
         config["model"] = {**config["model"], "pretrained_path": None}
         hparams["config"] = config
     model_cfg = config.get("model") if isinstance(config, dict) else None
+    probe_cfg = (config.get("ssl") or {}).get("probe") if isinstance(config, dict) else None
+    if isinstance(probe_cfg, dict) and probe_cfg.get("feature_norm") and task in ("ssl_linear", "ssl_finetune") \
+            and "feature_norm.running_mean" not in ckpt["state_dict"]:
+        # Written before probes standardised their features: the head reads the raw features.
+        config["ssl"] = {**config["ssl"], "probe": {**probe_cfg, "feature_norm": False}}
+        hparams["config"] = config
     if isinstance(model_cfg, dict) and model_cfg.get("au_head") and "au_head.weight" not in ckpt["state_dict"]:
         # Written before model.au_head built its head through `fit`: the checkpoint has no AU head.
         config["model"] = {**model_cfg, "au_head": False}

@@ -56,6 +56,10 @@ class SSLProbeConfig:
     # The control every SSL number needs: probe a randomly initialised backbone (seeded by `seed`) of the
     # checkpoint's architecture and input format; the checkpoint's weights are not used.
     random_init: bool = False
+    # Standardise the frozen features before the linear head (BatchNorm without affine, as MAE's linear probe):
+    # SGD at one learning rate then suits any backbone, whatever the scale of its features (a random backbone's
+    # can be far off unit scale, which would make the control look worse than it is).
+    feature_norm: bool = True
 
 
 @dataclass

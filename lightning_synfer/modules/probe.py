@@ -25,6 +25,9 @@ class SSLProbe(FERClassifierModule):
         super().__init__(config, label_names, normalization)
         self.save_hyperparameters()
         self.build_backbone_and_head()
+        probe_cfg = self.cfg.get("ssl", {}).get("probe", {})
+        self.feature_norm = (nn.BatchNorm1d(self.backbone.num_features, affine=False)
+                             if probe_cfg.get("feature_norm", False) else nn.Identity())
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
         self.criterion = SoftTargetCrossEntropy(self.cfg.loss.label_smoothing, self.cfg.loss.class_weights)
@@ -40,12 +43,12 @@ class SSLProbe(FERClassifierModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        return self.head(self.feature_norm(self.backbone(images)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with torch.set_grad_enabled(not self.freeze_backbone):
             feats = self.backbone(batch["image"])
-        logits = self.head(feats)
+        logits = self.head(self.feature_norm(feats))
         loss = self.criterion(logits, batch["label_soft"])
         self.train_acc(logits.detach().argmax(-1), batch["label"])
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
@@ -55,7 +58,7 @@ class SSLProbe(FERClassifierModule):
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
         global_batch = int(self.cfg.data.batch_size)
-        groups = optim.param_groups(self.head, o.weight_decay)
+        groups = optim.param_groups(self.head, o.weight_decay)  # feature_norm has statistics, no parameters
         if not self.freeze_backbone:
             backbone_lr = optim.scaled_lr(o, global_batch) * self.cfg.ssl.probe.backbone_lr_ratio
             groups += [{**g, "lr": backbone_lr} for g in optim.param_groups(self.backbone, o.weight_decay)]

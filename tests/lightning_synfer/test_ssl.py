@@ -311,3 +311,28 @@ def test_pretrain_then_linear_knn_finetune_and_evaluate(tiny, tmp_path):
     same = {name: all(torch.equal(p.backbone.state_dict()[k], v) for k, v in source.items())
             for name, p in probes.items()}
     assert same == {"pre-trained": True, "random": False}
+
+
+def test_linear_probe_standardises_frozen_features(tiny):
+    """ssl.probe.feature_norm: the head reads BatchNorm-standardised features (no affine, no trained parameters);
+    probe checkpoints written without it still load."""
+    from lightning_synfer.modules.probe import LinearProbe
+
+    cfg = compose("ssl/embedded_linear", tiny(*SMALL))
+    names = [f"c{i}" for i in range(cfg.data.num_classes)]
+    probe = LinearProbe(config=to_container(cfg), label_names=names)
+    assert isinstance(probe.feature_norm, torch.nn.BatchNorm1d) and not list(probe.feature_norm.parameters())
+    probe.train()
+    assert probe.feature_norm.training and not probe.backbone.training
+    size = cfg.data.image_size
+    x = torch.rand(16, cfg.data.channels, size, size) * 50.0  # features far off unit scale
+    with torch.no_grad():
+        feats = probe.backbone(x)
+        probe.feature_norm.momentum = 1.0  # running stats = this batch's
+        probe.head(probe.feature_norm(feats))
+        probe.eval()
+        normed = probe.feature_norm(feats)
+    assert torch.allclose(normed.mean(0), torch.zeros_like(normed[0]), atol=1e-3)
+    plain = compose("ssl/embedded_linear", tiny(*SMALL, "ssl.probe.feature_norm=false"))
+    assert isinstance(LinearProbe(config=to_container(plain), label_names=names).feature_norm,
+                      torch.nn.Identity)
