@@ -15,6 +15,9 @@ class StageConfig:
     # artifact name -> path relative to the stage's run dir (checked to exist when the stage finishes)
     artifacts: Dict[str, str] = field(default_factory=dict)
     title: str = ""  # shown in progress lines and report tables
+    # Stages this one waits for besides those whose artifacts it reads: inputs passed another way
+    # (the render stage's cache files). With pipeline.parallel > 1 independent stages overlap.
+    after: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -23,4 +26,7 @@ class PipelineConfig:
     common: List[str] = field(default_factory=list)  # overrides applied to every stage, before its own
     force: List[str] = field(default_factory=list)  # applied to every stage AFTER its own (shrinking for smoke runs)
     stages: List[StageConfig] = field(default_factory=list)
+    # 1: stages one by one in this process. N > 1: each stage its own `run.py` process, up to N at once,
+    # a stage starting as soon as the stages it depends on are done.
+    parallel: int = 1
     report: Dict[str, str] = field(default_factory=dict)  # report builder options (see pipeline/report.py)

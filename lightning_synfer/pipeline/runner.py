@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -57,7 +59,7 @@ def _substitute(text: str, done: dict[str, dict[str, Any]], run_dir: Path, stage
 def stage_key(stage: DictConfig, common: list[str], done: dict[str, dict[str, Any]],
               force: tuple[str, ...] = ()) -> str:
     overrides = [*common, *stage.overrides, *force]
-    upstream = {name: done[name]["key"] for name in _upstream(overrides) if name in done}
+    upstream = {name: done[name]["key"] for name in [*_upstream(overrides), *stage.get("after", [])] if name in done}
     blob = json.dumps({"task": stage.task, "experiment": stage.experiment, "overrides": overrides,
                        "upstream": upstream}, sort_keys=True)
     # The experiment file's content matters too: editing it invalidates the stage.
@@ -69,53 +71,129 @@ def stage_key(stage: DictConfig, common: list[str], done: dict[str, dict[str, An
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def stage_dependencies(stage: DictConfig, common: list[str], force: tuple[str, ...], earlier: list[str]) -> list[str]:
+    """The stages this one waits for: those whose artifacts it reads ({STAGE.ARTIFACT}) and those named in
+    `after` (inputs passed another way, e.g. the render stage's cache files). All must come earlier in the list."""
+    deps = sorted(set(_upstream([*common, *stage.overrides, *force])) | set(stage.after))
+    for name in deps:
+        if name not in earlier:
+            raise ConfigError(f"pipeline stage '{stage.name}': it needs stage '{name}', which does not run before "
+                              f"it (stages before it: {earlier})")
+    return deps
+
+
+def _stage_command(stage: DictConfig, overrides: list[str]) -> list[str]:
+    from lightning_synfer.sweeps.launchers import fit_command
+
+    return fit_command(stage.task, [f"experiment={stage.experiment}", *overrides])
+
+
 def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Callable[[str], None] = print
                  ) -> dict[str, dict[str, Any]]:
+    """Run the stages in list order, each once its dependencies are done.
+
+    pipeline.parallel=1 runs them one by one in this process. pipeline.parallel=N runs each stage as its own
+    `python run.py TASK ...` process, up to N at once (independent stages overlap: on a 2-vCPU machine the
+    generator trains beside the classifier; on a multi-GPU node give each stage its own device). A failed
+    stage stops new starts; the running ones finish (and are cached), then the failure is raised.
+    """
     pipe = cfg.pipeline
     if not pipe.stages:
         raise ConfigError(f"experiment={cfg.experiment}: pipeline.stages is empty")
     names = [s.name for s in pipe.stages]
     if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"pipeline.stages: every stage needs a unique name, got {names}")
+    if pipe.parallel < 1:
+        raise ConfigError(f"pipeline.parallel={pipe.parallel}: expected at least 1 stage at a time")
     root = Path(pipe.out) / cfg.experiment.replace("/", "_")
     root.mkdir(parents=True, exist_ok=True)
-    common = list(pipe.common)
+    common, force = list(pipe.common), tuple(pipe.force)
+    deps = {s.name: stage_dependencies(s, common, force, names[:i]) for i, s in enumerate(pipe.stages)}
     done: dict[str, dict[str, Any]] = {}
     total = len(pipe.stages)
     started = time.perf_counter()
-    for i, stage in enumerate(pipe.stages, 1):
-        key = stage_key(stage, common, done, tuple(pipe.force))
-        stage_dir = root / f"{i:02d}-{stage.name}-{key}"
-        marker = stage_dir / "stage.json"
-        title = stage.title or stage.name
-        if marker.is_file():
-            done[stage.name] = json.loads(marker.read_text())
-            log(f"[synfer] stage {i}/{total} {title}: cached ({stage_dir})")
-            continue
-        run_dir = stage_dir / "run"
-        overrides = [_substitute(o, done, run_dir, stage.name) for o in [*common, *stage.overrides, *pipe.force]]
-        overrides += [f"run_dir={run_dir}", "overwrite=true"]
-        log(f"[synfer] stage {i}/{total} {title}: running `run.py {stage.task} experiment={stage.experiment}`")
-        t0 = time.perf_counter()
-        stage_cfg = compose(stage.experiment, overrides)
-        try:
-            metrics = _task_function(stage.task)(stage_cfg, [stage.task, *overrides]) or {}
-        except Exception as exc:
-            raise StageFailed(f"pipeline stage {i}/{total} '{stage.name}' failed: {exc}. Fix it and rerun: "
-                              f"finished stages are reused.") from exc
+    pending = list(enumerate(pipe.stages, 1))
+    running: dict[str, tuple[subprocess.Popen, Any, dict[str, Any]]] = {}
+    failure: Optional[StageFailed] = None
+
+    def finish_stage(job: dict[str, Any], metrics: dict[str, Any]) -> None:
+        stage, run_dir = job["stage"], job["run_dir"]
         artifacts = {}
         for name, rel in stage.artifacts.items():
             path = run_dir / rel
             if not path.exists():
                 raise StageFailed(f"pipeline stage '{stage.name}' finished without its artifact '{name}' ({path})")
             artifacts[name] = str(path)
-        record = {"stage": stage.name, "task": stage.task, "experiment": stage.experiment, "key": key,
-                  "run_dir": str(run_dir), "artifacts": artifacts, "overrides": overrides,
-                  "wall_time_s": time.perf_counter() - t0, "metrics": metrics}
-        atomic_write_json(marker, record)
-        done[stage.name] = json.loads(marker.read_text())
-        log(f"[synfer] stage {i}/{total} {title}: done in {record['wall_time_s']:.0f} s")
+        record = {"stage": stage.name, "task": stage.task, "experiment": stage.experiment, "key": job["key"],
+                  "run_dir": str(run_dir), "artifacts": artifacts, "overrides": job["overrides"],
+                  "wall_time_s": time.perf_counter() - job["t0"], "metrics": metrics}
+        atomic_write_json(job["marker"], record)
+        done[stage.name] = json.loads(job["marker"].read_text())
+        log(f"[synfer] stage {job['i']}/{total} {job['title']}: done in {record['wall_time_s']:.0f} s")
+
+    while (pending and failure is None) or running:
+        for item in list(pending):
+            if failure is not None or len(running) >= pipe.parallel:
+                break
+            i, stage = item
+            if any(d not in done for d in deps[stage.name]):
+                continue  # a later, independent stage may start first
+            pending.remove(item)
+            key = stage_key(stage, common, done, force)
+            stage_dir = root / f"{i:02d}-{stage.name}-{key}"
+            title = stage.title or stage.name
+            job = {"i": i, "stage": stage, "key": key, "title": title, "run_dir": stage_dir / "run",
+                   "marker": stage_dir / "stage.json"}
+            if job["marker"].is_file():
+                done[stage.name] = json.loads(job["marker"].read_text())
+                log(f"[synfer] stage {i}/{total} {title}: cached ({stage_dir})")
+                continue
+            job["overrides"] = [_substitute(o, done, job["run_dir"], stage.name) for o in [*common, *stage.overrides,
+                                                                                          *force]]
+            job["overrides"] += [f"run_dir={job['run_dir']}", "overwrite=true"]
+            log(f"[synfer] stage {i}/{total} {title}: running `run.py {stage.task} experiment={stage.experiment}`")
+            job["t0"] = time.perf_counter()
+            if pipe.parallel == 1:
+                stage_cfg = compose(stage.experiment, job["overrides"])
+                try:
+                    metrics = _task_function(stage.task)(stage_cfg, [stage.task, *job["overrides"]]) or {}
+                except Exception as exc:
+                    raise StageFailed(f"pipeline stage {i}/{total} '{stage.name}' failed: {exc}. Fix it and rerun: "
+                                      f"finished stages are reused.") from exc
+                finish_stage(job, metrics)
+                break  # done changed: look at the list from the top again
+            _task_function(stage.task)  # an unknown task fails here, with the list of known ones
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            job["log"] = stage_dir / "stage.log"
+            fh = open(job["log"], "w", encoding="utf-8")
+            env = {k: v for k, v in os.environ.items() if k != "SYNFER_RUN_STAMP"}
+            running[stage.name] = (subprocess.Popen(_stage_command(stage, job["overrides"]), stdout=fh,
+                                                    stderr=subprocess.STDOUT, env=env), fh, job)
+            log(f"[synfer] stage {i}/{total} {title}: pid {running[stage.name][0].pid}, log {job['log']}")
+        if not running:
+            if pending and failure is None and all(any(d not in done for d in deps[s.name]) for _, s in pending):
+                raise StageFailed(f"pipeline: stages {[s.name for _, s in pending]} wait for stages that never ran")
+            continue
+        time.sleep(0.2)
+        for name, (proc, fh, job) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            fh.close()
+            metrics_path = job["run_dir"] / "metrics.json"
+            try:
+                if proc.returncode != 0 or not metrics_path.is_file():
+                    raise StageFailed(f"pipeline stage {job['i']}/{total} '{name}' failed (exit code {proc.returncode};"
+                                      f" log {job['log']}). Fix it and rerun: finished stages are reused.")
+                finish_stage(job, json.loads(metrics_path.read_text()))
+            except StageFailed as exc:
+                log(f"[synfer] stage {job['i']}/{total} {job['title']}: FAILED ({exc})")
+                failure = failure or exc
+    if failure is not None:
+        raise failure
     log(f"[synfer] pipeline finished in {time.perf_counter() - started:.0f} s ({root})")
+    # Stages in list order, whatever order they finished in.
+    done = {name: done[name] for name in names if name in done}
     atomic_write_json(root / "pipeline.json", {"experiment": cfg.experiment, "stages": done,
                                                "config": OmegaConf.to_container(cfg.pipeline, resolve=True)})
     return done

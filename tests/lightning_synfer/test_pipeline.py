@@ -69,6 +69,52 @@ def test_unknown_placeholder_is_a_config_error(tmp_path):
         run_pipeline(cfg, log=lambda s: None)
 
 
+def _parallel_cfg(tmp_path: Path, judge_overrides=()):
+    cfg = _cfg(tmp_path, judge_overrides)
+    stages = list(cfg.pipeline.stages)
+    # an independent stage listed after the judge; `after` orders it behind the classifier without an artifact
+    stages.insert(1, {"name": "other", "task": "fit", "experiment": "supervised/embedded",
+                      "overrides": ["trainer.max_epochs=1", "seed=1"]})
+    stages.append({"name": "last", "task": "fit", "experiment": "supervised/embedded", "after": ["other"],
+                   "overrides": ["trainer.max_epochs=1", "seed=2"]})
+    cfg.pipeline = OmegaConf.merge(cfg.pipeline, {"stages": stages, "parallel": 2})
+    return cfg
+
+
+def test_parallel_stages_run_as_processes_in_dependency_order(tmp_path):
+    lines = []
+    first = run_pipeline(_parallel_cfg(tmp_path), log=lines.append)
+    assert list(first) == ["classifier", "other", "judge", "last"]  # list order, whatever order they finished in
+    for name, rec in first.items():
+        assert (Path(rec["run_dir"]).parent / "stage.log").is_file(), name
+    assert 0 <= first["judge"]["metrics"]["accuracy"] <= 1
+    started = [line.split(":")[0].split()[-1] for line in lines if ": running" in line]
+    assert started.index("classifier") < started.index("judge") and started.index("other") < started.index("last")
+    # the two independent stages overlapped: `other` started before `classifier` finished
+    order = [line for line in lines if ": running" in line or ": done" in line]
+    assert order.index(next(x for x in order if "other: running" in x)) < \
+        order.index(next(x for x in order if "classifier: done" in x))
+    again = run_pipeline(_parallel_cfg(tmp_path), log=lines.append)
+    assert {k: v["key"] for k, v in again.items()} == {k: v["key"] for k, v in first.items()}
+    assert sum(": cached" in line for line in lines) == 4
+
+
+def test_parallel_failure_names_the_log_and_keeps_finished_stages(tmp_path):
+    bad = ["data.test.format=folder", f"data.test.root={tmp_path / 'missing'}"]
+    with pytest.raises(StageFailed, match=r"'judge' failed .*stage\.log"):
+        run_pipeline(_parallel_cfg(tmp_path, bad), log=lambda s: None)
+    lines = []
+    run_pipeline(_parallel_cfg(tmp_path), log=lines.append)
+    assert any("classifier: cached" in line for line in lines)
+
+
+def test_after_must_name_an_earlier_stage(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.pipeline.stages[0].after = ["judge"]
+    with pytest.raises(Exception, match="needs stage 'judge', which does not run before"):
+        run_pipeline(cfg, log=lambda s: None)
+
+
 SMOKE = [
     "trainer.max_epochs=1", "trainer.max_steps=2", "data.batch_size=8", "data.eval_batch_size=16",
     "data.train.num_images=16", "data.val.num_images=16", "data.test.num_images=16",
