@@ -46,7 +46,7 @@ class TrainerConfig:
     max_time: Optional[str] = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = None
-    check_val_every_n_epoch: int = 1
+    check_val_every_n_epoch: Optional[int] = 1  # null with an integer val_check_interval: validate every N steps across epochs
     val_check_interval: Any = None
     log_every_n_steps: int = 10
     fast_dev_run: Any = False

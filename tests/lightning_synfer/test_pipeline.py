@@ -222,3 +222,20 @@ def test_embedded_pipeline_renders_first_and_its_stages_reuse_that_cache(tmp_pat
         assert loaded(stages[name]) and loaded(stages[name]) <= rendered, name
     for name in own_sizes:
         assert loaded(stages[name]) - rendered, name
+
+
+def test_embedded_pipeline_trains_on_rectified_labels_only_after_the_vote():
+    """With stages in parallel, a stage that reads the newest manifest must wait for `label` (which writes it);
+    one that pins the intended labels (version 1) need not. Found when 6b and 6b' trained on the same labels."""
+    from lightning_synfer.pipeline.runner import stage_dependencies
+
+    pipe = compose("pipeline/embedded").pipeline
+    assert pipe.parallel == 2
+    names = [s.name for s in pipe.stages]
+    for i, stage in enumerate(pipe.stages):
+        deps = stage_dependencies(stage, list(pipe.common), tuple(pipe.force), names[:i])
+        reads_set = any("{synthetic.dir}" in o for o in stage.overrides) and stage.task == "fit"
+        if reads_set and not any("version: 1" in o for o in stage.overrides):
+            assert "label" in deps, stage.name
+        if stage.name == "synthetic_only_intended":
+            assert "label" not in deps
