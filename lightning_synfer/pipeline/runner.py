@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import time
@@ -82,10 +81,11 @@ def stage_dependencies(stage: DictConfig, common: list[str], force: tuple[str, .
     return deps
 
 
-def _stage_command(stage: DictConfig, overrides: list[str]) -> list[str]:
-    from lightning_synfer.sweeps.launchers import fit_command
+def _start_stage(stage: DictConfig, overrides: list[str], log_file: Any) -> subprocess.Popen:
+    from lightning_synfer.sweeps.launchers import child_environment, fit_command
 
-    return fit_command(stage.task, [f"experiment={stage.experiment}", *overrides])
+    return subprocess.Popen(fit_command(stage.task, [f"experiment={stage.experiment}", *overrides]), stdout=log_file,
+                            stderr=subprocess.STDOUT, env=child_environment())
 
 
 def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Callable[[str], None] = print
@@ -131,64 +131,72 @@ def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Call
         done[stage.name] = json.loads(job["marker"].read_text())
         log(f"[synfer] stage {job['i']}/{total} {job['title']}: done in {record['wall_time_s']:.0f} s")
 
-    while (pending and failure is None) or running:
-        for item in list(pending):
-            if failure is not None or len(running) >= pipe.parallel:
-                break
-            i, stage = item
-            if any(d not in done for d in deps[stage.name]):
-                continue  # a later, independent stage may start first
-            pending.remove(item)
-            key = stage_key(stage, common, done, force)
-            stage_dir = root / f"{i:02d}-{stage.name}-{key}"
-            title = stage.title or stage.name
-            job = {"i": i, "stage": stage, "key": key, "title": title, "run_dir": stage_dir / "run",
-                   "marker": stage_dir / "stage.json"}
-            if job["marker"].is_file():
-                done[stage.name] = json.loads(job["marker"].read_text())
-                log(f"[synfer] stage {i}/{total} {title}: cached ({stage_dir})")
+    def _schedule() -> None:
+        nonlocal failure
+        while (pending and failure is None) or running:
+            for item in list(pending):
+                if failure is not None or len(running) >= pipe.parallel:
+                    break
+                i, stage = item
+                if any(d not in done for d in deps[stage.name]):
+                    continue  # a later, independent stage may start first
+                pending.remove(item)
+                key = stage_key(stage, common, done, force)
+                stage_dir = root / f"{i:02d}-{stage.name}-{key}"
+                title = stage.title or stage.name
+                job = {"i": i, "stage": stage, "key": key, "title": title, "run_dir": stage_dir / "run",
+                       "marker": stage_dir / "stage.json"}
+                if job["marker"].is_file():
+                    done[stage.name] = json.loads(job["marker"].read_text())
+                    log(f"[synfer] stage {i}/{total} {title}: cached ({stage_dir})")
+                    continue
+                raw = [*common, *stage.overrides, *force]
+                job["overrides"] = [_substitute(o, done, job["run_dir"], stage.name) for o in raw]
+                job["overrides"] += [f"run_dir={job['run_dir']}", "overwrite=true"]
+                log(f"[synfer] stage {i}/{total} {title}: running `run.py {stage.task} experiment={stage.experiment}`")
+                job["t0"] = time.perf_counter()
+                if pipe.parallel == 1:
+                    stage_cfg = compose(stage.experiment, job["overrides"])
+                    try:
+                        metrics = _task_function(stage.task)(stage_cfg, [stage.task, *job["overrides"]]) or {}
+                    except Exception as exc:
+                        raise StageFailed(f"pipeline stage {i}/{total} '{stage.name}' failed: {exc}. Fix it and rerun: "
+                                          f"finished stages are reused.") from exc
+                    finish_stage(job, metrics)
+                    break  # done changed: look at the list from the top again
+                _task_function(stage.task)  # an unknown task fails here, with the list of known ones
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                job["log"] = stage_dir / "stage.log"
+                fh = open(job["log"], "w", encoding="utf-8")
+                running[stage.name] = (_start_stage(stage, job["overrides"], fh), fh, job)
+                log(f"[synfer] stage {i}/{total} {title}: pid {running[stage.name][0].pid}, log {job['log']}")
+            if not running:
+                if pending and failure is None and all(any(d not in done for d in deps[s.name]) for _, s in pending):
+                    raise StageFailed(f"pipeline: stages {[s.name for _, s in pending]} wait for stages that never ran")
                 continue
-            job["overrides"] = [_substitute(o, done, job["run_dir"], stage.name) for o in [*common, *stage.overrides,
-                                                                                          *force]]
-            job["overrides"] += [f"run_dir={job['run_dir']}", "overwrite=true"]
-            log(f"[synfer] stage {i}/{total} {title}: running `run.py {stage.task} experiment={stage.experiment}`")
-            job["t0"] = time.perf_counter()
-            if pipe.parallel == 1:
-                stage_cfg = compose(stage.experiment, job["overrides"])
+            time.sleep(0.2)
+            for name, (proc, fh, job) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                fh.close()
+                metrics_path = job["run_dir"] / "metrics.json"
                 try:
-                    metrics = _task_function(stage.task)(stage_cfg, [stage.task, *job["overrides"]]) or {}
-                except Exception as exc:
-                    raise StageFailed(f"pipeline stage {i}/{total} '{stage.name}' failed: {exc}. Fix it and rerun: "
-                                      f"finished stages are reused.") from exc
-                finish_stage(job, metrics)
-                break  # done changed: look at the list from the top again
-            _task_function(stage.task)  # an unknown task fails here, with the list of known ones
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            job["log"] = stage_dir / "stage.log"
-            fh = open(job["log"], "w", encoding="utf-8")
-            env = {k: v for k, v in os.environ.items() if k != "SYNFER_RUN_STAMP"}
-            running[stage.name] = (subprocess.Popen(_stage_command(stage, job["overrides"]), stdout=fh,
-                                                    stderr=subprocess.STDOUT, env=env), fh, job)
-            log(f"[synfer] stage {i}/{total} {title}: pid {running[stage.name][0].pid}, log {job['log']}")
-        if not running:
-            if pending and failure is None and all(any(d not in done for d in deps[s.name]) for _, s in pending):
-                raise StageFailed(f"pipeline: stages {[s.name for _, s in pending]} wait for stages that never ran")
-            continue
-        time.sleep(0.2)
-        for name, (proc, fh, job) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
+                    if proc.returncode != 0 or not metrics_path.is_file():
+                        raise StageFailed(f"pipeline stage {job['i']}/{total} '{name}' failed (exit code "
+                                          f"{proc.returncode}; log {job['log']}). Fix it and rerun: finished stages "
+                                          f"are reused.")
+                    finish_stage(job, json.loads(metrics_path.read_text()))
+                except StageFailed as exc:
+                    log(f"[synfer] stage {job['i']}/{total} {job['title']}: FAILED ({exc})")
+                    failure = failure or exc
+    try:
+        _schedule()
+    finally:
+        for proc, fh, _ in running.values():  # only on an exception (Ctrl-C, a bad config): no orphans left
+            proc.terminate()
+            proc.wait()
             fh.close()
-            metrics_path = job["run_dir"] / "metrics.json"
-            try:
-                if proc.returncode != 0 or not metrics_path.is_file():
-                    raise StageFailed(f"pipeline stage {job['i']}/{total} '{name}' failed (exit code {proc.returncode};"
-                                      f" log {job['log']}). Fix it and rerun: finished stages are reused.")
-                finish_stage(job, json.loads(metrics_path.read_text()))
-            except StageFailed as exc:
-                log(f"[synfer] stage {job['i']}/{total} {job['title']}: FAILED ({exc})")
-                failure = failure or exc
     if failure is not None:
         raise failure
     log(f"[synfer] pipeline finished in {time.perf_counter() - started:.0f} s ({root})")

@@ -52,6 +52,11 @@ def fit_command(task: str, overrides: Sequence[str], python: str = sys.executabl
     return [python, str(RUN_PY), task, *overrides]
 
 
+def child_environment() -> dict[str, str]:
+    """The environment of a run started from this process: the run stamp is per run, never inherited."""
+    return {k: v for k, v in os.environ.items() if k != "SYNFER_RUN_STAMP"}
+
+
 # ------------------------------------------------------------------------------------------ local
 
 def run_local(points: Sequence[PendingPoint], *, task: str, root: Path, parallel: int = 1,
@@ -93,7 +98,7 @@ def _run_subprocesses(points: Sequence[PendingPoint], *, task: str, root: Path, 
     queue = list(points)
     running: list[tuple[PendingPoint, subprocess.Popen, Any, float]] = []
     total = len(points)
-    env = {k: v for k, v in os.environ.items() if k != "SYNFER_RUN_STAMP"}
+    env = child_environment()
     stop = False
     while queue or running:
         while queue and len(running) < parallel and not stop:
