@@ -31,7 +31,6 @@ class EnsembleClassifier(FERClassifierModule):
                                  f"expects {first.normalization} (members must share one input normalisation)")
         super().__init__(OmegaConf.to_container(first.cfg, resolve=True), first.label_names, first.normalization)
         self.members = nn.ModuleList(members)
-        self.member_paths = list(paths)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
