@@ -6,10 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast bench clean
 
+# Bytecode is compiled for what the suite imports, not for every installed file: pip's own compile pass
+# over torch, transformers, sympy & co. is ~100 s of a 2-core machine, the imports below ~25 s
+# (docs/BENCHMARKS.md). So recipes may write .pyc files even where PYTHONDONTWRITEBYTECODE is set (they
+# land in the venv and in gitignored __pycache__ folders): otherwise every process recompiles its imports.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-compile -e ".[dev]"
+	$(BIN)/python -c "from lightning_synfer.sweeps.launchers import preload_for_fork as p; p()"
 	touch $(STAMP)
 
 install: $(STAMP)

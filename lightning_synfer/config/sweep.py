@@ -40,6 +40,9 @@ class SweepConfig:
     launcher: str = "local"  # local | slurm
     parallel: int = 1  # local: points at once (> 1 runs them as subprocesses)
     subprocess: bool = False  # local: run points as `python run.py fit ...` subprocesses even one at a time
+    # local, as subprocesses: `spawn` a fresh interpreter per point, or `fork` this one, which has imported
+    # torch & co. once (~10 s less per point on a small CPU; CPU runs only)
+    start_method: str = "spawn"
     out: Optional[str] = None  # sweep folder; None: <paths.runs_dir>/<experiment>/sweep-<hash8>
     dry_run: bool = False  # list the points (and write the launcher files) without running anything
     fail_fast: bool = False  # local: stop at the first failed point instead of running the rest
@@ -58,6 +61,11 @@ def validate_sweep(cfg: Any) -> None:
         raise ConfigError(f"config key 'sweep.launcher' = {s.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
     if s.parallel < 1:
         raise ConfigError(f"config key 'sweep.parallel' = {s.parallel!r}: expected a number of processes >= 1")
+    from lightning_synfer.sweeps.launchers import START_METHODS
+
+    if s.start_method not in START_METHODS:
+        raise ConfigError(f"config key 'sweep.start_method' = {s.start_method!r}: expected one of "
+                          f"{', '.join(START_METHODS)}")
     if s.slurm.cpus_per_task < 1:
         raise ConfigError(f"config key 'sweep.slurm.cpus_per_task' = {s.slurm.cpus_per_task!r}: expected >= 1")
     for key in ("nodes", "gpus_per_node", "max_concurrent"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -81,11 +80,10 @@ def stage_dependencies(stage: DictConfig, common: list[str], force: tuple[str, .
     return deps
 
 
-def _start_stage(stage: DictConfig, overrides: list[str], log_file: Any) -> subprocess.Popen:
-    from lightning_synfer.sweeps.launchers import child_environment, fit_command
+def _start_stage(stage: DictConfig, overrides: list[str], log_file: Any, start_method: str) -> Any:
+    from lightning_synfer.sweeps.launchers import start_run
 
-    return subprocess.Popen(fit_command(stage.task, [f"experiment={stage.experiment}", *overrides]), stdout=log_file,
-                            stderr=subprocess.STDOUT, env=child_environment())
+    return start_run(stage.task, [f"experiment={stage.experiment}", *overrides], log_file, start_method)
 
 
 def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Callable[[str], None] = print
@@ -105,6 +103,12 @@ def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Call
         raise ConfigError(f"pipeline.stages: every stage needs a unique name, got {names}")
     if pipe.parallel < 1:
         raise ConfigError(f"pipeline.parallel={pipe.parallel}: expected at least 1 stage at a time")
+    from lightning_synfer.sweeps.launchers import START_METHODS, preload_for_fork
+
+    if pipe.start_method not in START_METHODS:
+        raise ConfigError(f"pipeline.start_method={pipe.start_method!r}: expected one of {START_METHODS}")
+    if pipe.parallel > 1 and pipe.start_method == "fork":
+        preload_for_fork()
     root = Path(pipe.out) / cfg.experiment.replace("/", "_")
     root.mkdir(parents=True, exist_ok=True)
     common, force = list(pipe.common), tuple(pipe.force)
@@ -113,7 +117,7 @@ def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Call
     total = len(pipe.stages)
     started = time.perf_counter()
     pending = list(enumerate(pipe.stages, 1))
-    running: dict[str, tuple[subprocess.Popen, Any, dict[str, Any]]] = {}
+    running: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
     failure: Optional[StageFailed] = None
 
     def finish_stage(job: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -168,7 +172,7 @@ def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Call
                 stage_dir.mkdir(parents=True, exist_ok=True)
                 job["log"] = stage_dir / "stage.log"
                 fh = open(job["log"], "w", encoding="utf-8")
-                running[stage.name] = (_start_stage(stage, job["overrides"], fh), fh, job)
+                running[stage.name] = (_start_stage(stage, job["overrides"], fh, pipe.start_method), fh, job)
                 log(f"[synfer] stage {i}/{total} {title}: pid {running[stage.name][0].pid}, log {job['log']}")
             if not running:
                 if pending and failure is None and all(any(d not in done for d in deps[s.name]) for _, s in pending):

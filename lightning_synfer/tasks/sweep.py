@@ -65,7 +65,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, log=print) -> dict
     if s.dry_run:
         return summary
     result = run_local(pending, task=s.task, root=root, parallel=s.parallel, use_subprocess=s.subprocess,
-                       fail_fast=s.fail_fast, log=log)
+                       fail_fast=s.fail_fast, start_method=s.start_method, log=log)
     summary.update(done=result.done, failed=result.failed)
     if s.table and any(is_finished(p.run_dir) for p in points):
         from lightning_synfer.sweeps.table import build_tables

@@ -1,4 +1,5 @@
 """The pipeline stage cache: reuse finished stages, retry a failed one without redoing the ones before."""
+import os
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_unknown_placeholder_is_a_config_error(tmp_path):
         run_pipeline(cfg, log=lambda s: None)
 
 
-def _parallel_cfg(tmp_path: Path, judge_overrides=()):
+def _parallel_cfg(tmp_path: Path, judge_overrides=(), start_method="spawn"):
     cfg = _cfg(tmp_path, judge_overrides)
     stages = list(cfg.pipeline.stages)
     # an independent stage listed after the judge; `after` orders it behind the classifier without an artifact
@@ -77,7 +78,7 @@ def _parallel_cfg(tmp_path: Path, judge_overrides=()):
                       "overrides": ["trainer.max_epochs=1", "seed=1"]})
     stages.append({"name": "last", "task": "fit", "experiment": "supervised/embedded", "after": ["other"],
                    "overrides": ["trainer.max_epochs=1", "seed=2"]})
-    cfg.pipeline = OmegaConf.merge(cfg.pipeline, {"stages": stages, "parallel": 2})
+    cfg.pipeline = OmegaConf.merge(cfg.pipeline, {"stages": stages, "parallel": 2, "start_method": start_method})
     return cfg
 
 
@@ -99,13 +100,36 @@ def test_parallel_stages_run_as_processes_in_dependency_order(tmp_path):
     assert sum(": cached" in line for line in lines) == 4
 
 
-def test_parallel_failure_names_the_log_and_keeps_finished_stages(tmp_path):
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_parallel_failure_names_the_log_and_keeps_finished_stages(tmp_path, start_method):
     bad = ["data.test.format=folder", f"data.test.root={tmp_path / 'missing'}"]
-    with pytest.raises(StageFailed, match=r"'judge' failed .*stage\.log"):
-        run_pipeline(_parallel_cfg(tmp_path, bad), log=lambda s: None)
+    with pytest.raises(StageFailed, match=r"'judge' failed \(exit code 2; log .*stage\.log"):
+        run_pipeline(_parallel_cfg(tmp_path, bad, start_method), log=lambda s: None)
+    judge_log = next((tmp_path / "runs" / "pipeline" / "pipeline_test").glob("*-judge-*/stage.log")).read_text()
+    assert "error:" in judge_log and "missing" in judge_log  # the stage's own one-line error, in its log
     lines = []
-    run_pipeline(_parallel_cfg(tmp_path), log=lines.append)
+    run_pipeline(_parallel_cfg(tmp_path, start_method=start_method), log=lines.append)
     assert any("classifier: cached" in line for line in lines)
+
+
+def test_forked_stages_match_spawned_ones(tmp_path):
+    """pipeline.start_method=fork (stages fork the runner, which imported torch once) computes what fresh
+    interpreters compute: the same metrics, each stage in its own process and log."""
+    lines = []
+    forked = run_pipeline(_parallel_cfg(tmp_path / "fork", start_method="fork"), log=lines.append)
+    spawned = run_pipeline(_parallel_cfg(tmp_path / "spawn"), log=lambda s: None)
+    for name in forked:
+        for key in ("accuracy", "loss", "global_step"):
+            if key in spawned[name]["metrics"]:
+                assert forked[name]["metrics"][key] == pytest.approx(spawned[name]["metrics"][key], abs=1e-6), (name, key)
+        assert "[synfer] metrics:" in (Path(forked[name]["run_dir"]).parent / "stage.log").read_text()
+    pids = {line.split("pid ")[1].split(",")[0] for line in lines if ": pid " in line}
+    assert len(pids) == 4 and str(os.getpid()) not in pids
+
+
+def test_unknown_start_method_is_a_config_error(tmp_path):
+    with pytest.raises(Exception, match=r"pipeline.start_method='forkserver': expected one of \('spawn', 'fork'\)"):
+        run_pipeline(_parallel_cfg(tmp_path, start_method="forkserver"), log=lambda s: None)
 
 
 def test_after_must_name_an_earlier_stage(tmp_path):
