@@ -27,6 +27,11 @@ class SSLAugConfig:
     local_crops: int = 0  # DINO multi-crop: number of small crops (student only)
     local_size: int = 0  # 0: round(data.image_size * 96 / 224)
     local_crop_scale: List[float] = field(default_factory=lambda: [0.05, 0.2])
+    # Face nuisances that crops and colour jitter do not cover (0 = off, the methods' published recipes):
+    # in-plane head roll and sensor noise. Views that differ in them teach invariance to them, so that
+    # what is left to tell images apart is the face itself.
+    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    noise_std: float = 0.0  # Gaussian noise on [0, 1] pixels, before normalisation
 
 
 @dataclass
@@ -114,6 +119,8 @@ def validate_ssl(cfg) -> None:
         _check(len(val) == 2 and all(0 <= p <= 1 for p in val), f"ssl.aug.{key}", val,
                "two probabilities in [0, 1], one per global view")
     _check(a.local_crops >= 0, "ssl.aug.local_crops", a.local_crops, ">= 0")
+    _check(0 <= a.rotation <= 180, "ssl.aug.rotation", a.rotation, "degrees in [0, 180]")
+    _check(a.noise_std >= 0, "ssl.aug.noise_std", a.noise_std, ">= 0 (a standard deviation on [0, 1] pixels)")
     if a.local_crops:
         _check(s.method == "dino", "ssl.aug.local_crops", a.local_crops, "0 unless ssl.method=dino (multi-crop)")
     _check(s.probe.backbone_lr_ratio >= 0, "ssl.probe.backbone_lr_ratio", s.probe.backbone_lr_ratio, ">= 0")

@@ -58,6 +58,32 @@ def test_pretraining_batches_mix_real_and_synthetic(experiment, synthetic_share,
     assert len(val.dataset) == 32
 
 
+def test_face_nuisance_views_rotate_and_add_noise(tiny):
+    """ssl.aug.rotation / noise_std: off by default (the published recipes); on, a flat grey face stays grey
+    in the middle but gets grey-filled rotated corners' edges and pixel noise of the asked size."""
+    from PIL import Image
+
+    from lightning_synfer.modules.ssl.base import multi_view_transform
+
+    flat = Image.new("L", (32, 32), 200)
+    plain = ["ssl.aug.crop_scale=[1.0,1.0]", "ssl.aug.hflip=0", "ssl.aug.color_jitter=0", "ssl.aug.blur_prob=[0,0]",
+             "ssl.aug.solarize_prob=[0,0]"]
+    views = multi_view_transform(compose("ssl/embedded_mocov3", tiny(*plain)), [0.0], [1.0])(flat)
+    assert all(torch.allclose(v, torch.full_like(v, 200 / 255)) for v in views)
+    torch.manual_seed(0)
+    noisy = multi_view_transform(compose("ssl/embedded_mocov3", tiny(*plain, "ssl.aug.noise_std=0.05")),
+                                 [0.0], [1.0])(flat)[0]
+    assert (noisy - 200 / 255).std().item() == pytest.approx(0.05, rel=0.15)
+    turned = multi_view_transform(compose("ssl/embedded_mocov3", tiny(*plain, "ssl.aug.rotation=45")),
+                                  [0.0], [1.0])
+    corners = torch.stack([v[0, 0, 0] for _ in range(20) for v in [turned(flat)[0]]])
+    assert (corners < 190 / 255).any()  # some rotation moved grey fill (127) into a corner
+    assert all(torch.allclose(turned(flat)[0][0, 12:20, 12:20], torch.tensor(200 / 255)) for _ in range(5))
+    for bad in ("ssl.aug.rotation=-5", "ssl.aug.noise_std=-0.1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            compose("ssl/embedded_mocov3", [bad])
+
+
 def test_registry_and_config_errors(tiny):
     assert set(METHODS) == {"mocov3", "simclr", "byol", "dino"}
     with pytest.raises(ConfigError, match="ssl.method"):

@@ -45,7 +45,8 @@ def _view(aug: DictConfig, size: int, channels: int, mean: Sequence[float], std:
     jitter = (T.ColorJitter(brightness=j, contrast=j) if channels == 1
               else T.ColorJitter(brightness=j, contrast=j, saturation=j / 2, hue=min(0.1, j / 4)))
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the crop, odd
-    ops: list = [T.RandomResizedCrop(size, scale=tuple(scale), antialias=True), T.RandomHorizontalFlip(aug.hflip)]
+    ops: list = [T.RandomRotation(aug.rotation, fill=127)] if aug.rotation > 0 else []  # grey corners
+    ops += [T.RandomResizedCrop(size, scale=tuple(scale), antialias=True), T.RandomHorizontalFlip(aug.hflip)]
     if j > 0 and aug.color_jitter_prob > 0:
         ops.append(T.RandomApply([jitter], p=aug.color_jitter_prob))
     if channels == 3 and aug.grayscale_prob > 0:
@@ -54,7 +55,10 @@ def _view(aug: DictConfig, size: int, channels: int, mean: Sequence[float], std:
         ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur))
     if solarize > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize))  # on the PIL image (uint8)
-    ops += [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+    ops += [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+    if aug.noise_std > 0:
+        ops.append(T.GaussianNoise(sigma=aug.noise_std, clip=True))
+    ops.append(T.Normalize(list(mean), list(std)))
     return T.Compose(ops)
 
 
