@@ -67,6 +67,8 @@ def test_misspelt_grid_key_fails_before_anything_runs(tiny, tmp_path, capsys):
     # a value out of range is caught the same way, naming the point
     with pytest.raises(ConfigError, match=r"sweep point 1 .*synthetic_ratio.*expected a value in \[0, 1\]"):
         _run(_small(tiny, "sweep.grid.seed=[0]", "sweep.grid.data.mix.synthetic_ratio=[0.5,2]"))
+    with pytest.raises(ConfigError, match=r"'sweep.start_method' = 'thread': expected one of spawn, fork"):
+        _run(_small(tiny, "sweep.grid.seed=[0]", "sweep.start_method=thread"))
 
 
 def test_local_sweep_runs_points_and_skips_finished(tiny, tmp_path):
@@ -93,12 +95,14 @@ def test_local_sweep_runs_points_and_skips_finished(tiny, tmp_path):
     assert {n: (root / n / "metrics.json").stat().st_mtime_ns for n in stamps} == stamps
 
 
-@pytest.mark.slow  # two interpreters start torch + Lightning: ~25 s of CPU
-def test_local_sweep_runs_two_points_at_once_in_subprocesses(tiny, tmp_path, monkeypatch):
-    """sweep.parallel=2: both points start as `run.py fit` subprocesses before either finishes; a rerun skips them."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each child starts its own torch
+@pytest.mark.slow  # spawn: two interpreters start torch + Lightning, ~25 s of CPU
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_local_sweep_runs_two_points_at_once_in_subprocesses(tiny, tmp_path, monkeypatch, start_method):
+    """sweep.parallel=2: both points start as `run.py fit` processes (fresh interpreters, or forks of this one)
+    before either finishes; a rerun skips them."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each spawned child starts its own torch
     argv = _small(tiny, "trainer.fast_dev_run=true", "sweep.grid.data.mix.synthetic_ratio=[0.5]",
-                  "sweep.grid.seed=[0,1]", "sweep.parallel=2")
+                  "sweep.grid.seed=[0,1]", "sweep.parallel=2", f"sweep.start_method={start_method}")
     lines: list[str] = []
     first = sweep.run(compose(None, argv), ["sweep", *argv], log=lines.append)
     root = Path(first["sweep_dir"])
