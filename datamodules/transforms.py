@@ -39,6 +39,29 @@ class ToMode:
         return f"ToMode({self.mode!r})"
 
 
+class RandomLightGradient:
+    """Directional lighting on a [0, 1] image tensor: x * (1 + s * (cos(phi) * u + sin(phi) * v)), u and v the
+    pixel coordinates in [-1, 1], phi uniform, s uniform in [0, strength]; clipped back to [0, 1]. One side of the
+    face gets brighter and the other darker, as with a lamp off to one side."""
+
+    def __init__(self, strength: float) -> None:
+        if strength < 0:
+            raise ValueError(f"RandomLightGradient strength={strength}: expected >= 0")
+        self.strength = float(strength)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        phi = float(torch.rand(())) * 2 * torch.pi
+        s = float(torch.rand(())) * self.strength
+        u = torch.linspace(-1.0, 1.0, w).view(1, w)
+        v = torch.linspace(-1.0, 1.0, h).view(h, 1)
+        gain = 1.0 + s * (torch.cos(torch.tensor(phi)) * u + torch.sin(torch.tensor(phi)) * v)
+        return (image * gain).clamp_(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return f"RandomLightGradient(strength={self.strength})"
+
+
 def train_transform(aug, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"data.mean={list(mean)} / data.std={list(std)}: expected {channels} values each "

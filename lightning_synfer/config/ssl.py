@@ -28,9 +28,10 @@ class SSLAugConfig:
     local_size: int = 0  # 0: round(data.image_size * 96 / 224)
     local_crop_scale: List[float] = field(default_factory=lambda: [0.05, 0.2])
     # Face nuisances that crops and colour jitter do not cover (0 = off, the methods' published recipes):
-    # in-plane head roll and sensor noise. Views that differ in them teach invariance to them, so that
-    # what is left to tell images apart is the face itself.
+    # in-plane head roll, light from one side and sensor noise. Views that differ in them teach invariance
+    # to them, so that what is left to tell images apart is the face itself.
     rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    light_gradient: float = 0.0  # max strength of a directional brightness ramp (datamodules RandomLightGradient)
     noise_std: float = 0.0  # Gaussian noise on [0, 1] pixels, before normalisation
 
 
@@ -121,6 +122,7 @@ def validate_ssl(cfg) -> None:
     _check(a.local_crops >= 0, "ssl.aug.local_crops", a.local_crops, ">= 0")
     _check(0 <= a.rotation <= 180, "ssl.aug.rotation", a.rotation, "degrees in [0, 180]")
     _check(a.noise_std >= 0, "ssl.aug.noise_std", a.noise_std, ">= 0 (a standard deviation on [0, 1] pixels)")
+    _check(0 <= a.light_gradient <= 1, "ssl.aug.light_gradient", a.light_gradient, "a strength in [0, 1]")
     if a.local_crops:
         _check(s.method == "dino", "ssl.aug.local_crops", a.local_crops, "0 unless ssl.method=dino (multi-crop)")
     _check(s.probe.backbone_lr_ratio >= 0, "ssl.probe.backbone_lr_ratio", s.probe.backbone_lr_ratio, ">= 0")

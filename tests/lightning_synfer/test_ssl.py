@@ -58,9 +58,10 @@ def test_pretraining_batches_mix_real_and_synthetic(experiment, synthetic_share,
     assert len(val.dataset) == 32
 
 
-def test_face_nuisance_views_rotate_and_add_noise(tiny):
-    """ssl.aug.rotation / noise_std: off by default (the published recipes); on, a flat grey face stays grey
-    in the middle but gets grey-filled rotated corners' edges and pixel noise of the asked size."""
+def test_face_nuisance_views_rotate_light_and_add_noise(tiny):
+    """ssl.aug.rotation / light_gradient / noise_std: off by default (the published recipes); on, a flat grey
+    face stays grey in the middle but gets grey-filled rotated corners, a brightness ramp of at most the asked
+    strength, and pixel noise of the asked size."""
     from PIL import Image
 
     from lightning_synfer.modules.ssl.base import multi_view_transform
@@ -79,7 +80,14 @@ def test_face_nuisance_views_rotate_and_add_noise(tiny):
     corners = torch.stack([v[0, 0, 0] for _ in range(20) for v in [turned(flat)[0]]])
     assert (corners < 190 / 255).any()  # some rotation moved grey fill (127) into a corner
     assert all(torch.allclose(turned(flat)[0][0, 12:20, 12:20], torch.tensor(200 / 255)) for _ in range(5))
-    for bad in ("ssl.aug.rotation=-5", "ssl.aug.noise_std=-0.1"):
+    lit = multi_view_transform(compose("ssl/embedded_mocov3", tiny(*plain, "ssl.aug.light_gradient=0.3")),
+                               [0.0], [1.0])
+    ramps = [lit(flat)[0][0] for _ in range(20)]
+    assert all(torch.allclose(r[15:17, 15:17], torch.tensor(200 / 255), atol=0.02) for r in ramps)  # centre kept
+    spread = [float(r.max() - r.min()) for r in ramps]
+    # opposite corners: gain 1 -/+ s * (cos + sin), at most 1 -/+ s * sqrt(2), s <= 0.3
+    assert max(spread) > 0.1 and max(spread) <= 2 * 0.3 * math.sqrt(2) * 200 / 255 + 1e-4
+    for bad in ("ssl.aug.rotation=-5", "ssl.aug.noise_std=-0.1", "ssl.aug.light_gradient=2"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
             compose("ssl/embedded_mocov3", [bad])
 

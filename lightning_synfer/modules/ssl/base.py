@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2 as T
 
 from datamodules.datamodule import FERDataModule, FERDataset
-from datamodules.transforms import MultiView, eval_transform
+from datamodules.transforms import MultiView, RandomLightGradient, eval_transform
 from lightning_synfer import optim
 from lightning_synfer.metrics.knn import WeightedKNN
 from lightning_synfer.models.backbones import create_backbone
@@ -56,6 +56,8 @@ def _view(aug: DictConfig, size: int, channels: int, mean: Sequence[float], std:
     if solarize > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize))  # on the PIL image (uint8)
     ops += [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+    if aug.light_gradient > 0:
+        ops.append(RandomLightGradient(aug.light_gradient))
     if aug.noise_std > 0:
         ops.append(T.GaussianNoise(sigma=aug.noise_std, clip=True))
     ops.append(T.Normalize(list(mean), list(std)))
