@@ -10,6 +10,7 @@ model's channel count (`channels`, or len(mean) for `eval_transform`).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -51,11 +52,11 @@ class RandomLightGradient:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[-2:]
-        phi = float(torch.rand(())) * 2 * torch.pi
+        phi = float(torch.rand(())) * 2 * math.pi
         s = float(torch.rand(())) * self.strength
         u = torch.linspace(-1.0, 1.0, w).view(1, w)
         v = torch.linspace(-1.0, 1.0, h).view(h, 1)
-        gain = 1.0 + s * (torch.cos(torch.tensor(phi)) * u + torch.sin(torch.tensor(phi)) * v)
+        gain = 1.0 + s * (math.cos(phi) * u + math.sin(phi) * v)
         return (image * gain).clamp_(0.0, 1.0)
 
     def __repr__(self) -> str:
