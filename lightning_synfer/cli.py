@@ -1,51 +1,16 @@
 """The command line: `python run.py TASK [experiment=GROUP/NAME] [key=value ...]`.
 
-The task table below is the one place that lists what the suite can do. With no arguments,
-`python run.py` runs the main job on the embedded data.
+The task table (`lightning_synfer.tasks.TASKS`) is the one place that lists what the suite can do. With no
+arguments, `python run.py` runs the main job on the embedded data.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
-# task -> ("module:function", default experiment, help)
-TASKS: dict[str, tuple[str, Optional[str], str]] = {
-    "fit": ("lightning_synfer.tasks.fit:run", "supervised/embedded",
-            "train the module family of the experiment (supervised, generator, labeler, ssl)"),
-    "evaluate": ("lightning_synfer.tasks.evaluate:run", "supervised/embedded",
-                 "evaluate a classifier checkpoint on data.test (writes metrics.json)"),
-    "render": ("lightning_synfer.tasks.render:run", "supervised/embedded",
-               "render the embedded splits of data.* into the cache later runs reuse; metrics.json: faces per class"),
-    "pipeline": ("lightning_synfer.tasks.pipeline:run", "pipeline/embedded",
-                 "the SynFER pipeline as cached stages (what `python run.py` runs), with paper-shaped tables"),
-    "linear": ("lightning_synfer.tasks.linear:run", "ssl/embedded_linear",
-               "linear probe of an SSL checkpoint (ckpt=...) on the experiment's labelled data"),
-    "finetune": ("lightning_synfer.tasks.finetune:run", "ssl/embedded_finetune",
-                 "fine-tune an SSL checkpoint (ckpt=...) on the experiment's labelled data"),
-    "knn": ("lightning_synfer.tasks.knn:run", "ssl/embedded_linear",
-            "weighted kNN of an SSL checkpoint's features (ckpt=...): bank data.train, queries data.test"),
-    "synthesize": ("lightning_synfer.tasks.synthesize:run", "generator/synthesize_embedded",
-                   "generate a labelled synthetic face set (gen.ckpt=... synth.num_images=N synth.out=DIR); resumable"),
-    "evaluate-generation": ("lightning_synfer.tasks.evaluate_generation:run", "generator/evaluate_generation",
-                            "judge a synthetic set (synth.dir=DIR judge.ckpt=... [real.root=DIR]): FER acc, AU error, FID/KID"),
-    "label": ("lightning_synfer.tasks.label:run", "labeler/rectify",
-              "rectify a synthetic set's labels (synth.dir=DIR labelers=[CKPT,...] [label.min_confidence=P]); "
-              "writes manifest.v<N>.jsonl; resumable"),
-    "sweep": ("lightning_synfer.tasks.sweep:run", "sweeps/embedded_ratio",
-              "a grid of fit runs (sweep.grid.KEY=[v1,v2] ...; sweep.launcher=local|slurm); reruns skip finished points"),
-}
-DEFAULT_TASK = "pipeline"
-
-# Tasks that do not compose a config (they take paths): name -> "module:function".
-PLAIN_TASKS: dict[str, tuple[str, str]] = {
-    "check-dataset": ("lightning_synfer.tasks.check_dataset:main",
-                      "verify a synthetic or real dataset folder; exits 1 on any problem"),
-    "table": ("lightning_synfer.tasks.table:main",
-              "RUN_DIR... [--out DIR] [--group-by KEY ...]: mean ± std over seeds as Markdown/CSV, plots"),
-}
+from lightning_synfer.tasks import DEFAULT_TASK, PLAIN_TASKS, TASKS, load
 
 
 def usage() -> str:
@@ -65,11 +30,6 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _load(target: str) -> Callable:
-    mod, fn = target.split(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("SYNFER_LOG_LEVEL", "WARNING"),
@@ -87,16 +47,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         if task in PLAIN_TASKS:
-            return int(_load(PLAIN_TASKS[task][0])(argv) or 0)
+            return int(load(task)(argv) or 0)
         if task not in TASKS:
             import difflib
 
             close = difflib.get_close_matches(task, list(TASKS) + list(PLAIN_TASKS), n=1)
             raise ConfigError(f"unknown task '{task}'" + (f"; did you mean '{close[0]}'?" if close else "")
                               + f" Tasks: {', '.join(list(TASKS) + list(PLAIN_TASKS))}")
-        target, default_experiment, _ = TASKS[task]
-        cfg = compose(default_experiment, argv)
-        _load(target)(cfg, [task, *argv])
+        cfg = compose(TASKS[task][1], argv)
+        load(task)(cfg, [task, *argv])
     except Exception as exc:
         # Bad input: one clear line, no traceback (SYNFER_DEBUG=1 shows it). Anything else is a bug: traceback.
         if os.environ.get("SYNFER_DEBUG") or not _is_bad_input(exc, ConfigError):

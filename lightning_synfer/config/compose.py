@@ -19,16 +19,13 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from lightning_synfer.config.errors import ConfigError, check
 from lightning_synfer.config.schema import Config
 
 DEFAULT_GROUPS = ("paths", "trainer", "logger", "data", "model")
 # Group choices every experiment starts from unless its `defaults:` says otherwise.
 BASE_DEFAULTS = {"paths": "default", "trainer": "default", "logger": "tensorboard", "data": "embedded",
                  "model": "resnet18"}
-
-
-class ConfigError(ValueError):
-    """A config problem, with the file or key at fault and what was expected."""
 
 
 def experiments_dir() -> Path:
@@ -217,9 +214,7 @@ def compose(experiment: Optional[str] = None, overrides: Iterable[str] = (), *, 
     return cfg
 
 
-def _check(cond: bool, key: str, value: Any, expected: str) -> None:
-    if not cond:
-        raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+_check = check  # the sections' range-check helper (config/errors.py)
 
 
 def validate(cfg: DictConfig) -> None:

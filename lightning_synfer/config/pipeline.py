@@ -8,7 +8,7 @@ from typing import Dict, List
 @dataclass
 class StageConfig:
     name: str = ""
-    task: str = "fit"  # any task of lightning_synfer.cli.TASKS
+    task: str = "fit"  # any task of lightning_synfer.tasks.TASKS
     experiment: str = ""
     # Overrides may use {STAGE.ARTIFACT} for an earlier stage's artifact and {run} for this stage's run dir.
     overrides: List[str] = field(default_factory=list)

@@ -28,11 +28,11 @@ class StageFailed(RuntimeError):
 
 
 def _task_function(task: str) -> Callable:
-    from lightning_synfer.cli import TASKS, _load
+    from lightning_synfer.tasks import TASKS, load
 
     if task not in TASKS or task == "pipeline":
         raise ConfigError(f"pipeline stage task={task!r}: expected one of {sorted(t for t in TASKS if t != 'pipeline')}")
-    return _load(TASKS[task][0])
+    return load(task)
 
 
 def _upstream(overrides: list[str]) -> list[str]:

@@ -168,9 +168,9 @@ def run_local(points: Sequence[PendingPoint], *, task: str, root: Path, parallel
 
 def _run_in_process(points: Sequence[PendingPoint], *, task: str, fail_fast: bool,
                     log: Callable[[str], None]) -> LaunchResult:
-    from lightning_synfer.cli import TASKS, _load
+    from lightning_synfer.tasks import load
 
-    fn = _load(TASKS[task][0])
+    fn = load(task)
     result = LaunchResult()
     for i, p in enumerate(points, 1):
         log(f"[synfer] sweep {i}/{len(points)} {p.name}: running")

@@ -27,7 +27,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, log=print) -> dict
     s = cfg.sweep
     if s.task == "sweep":
         raise ConfigError("sweep.task=sweep: expected a task that trains or evaluates one run (fit, linear, ...)")
-    from lightning_synfer.cli import TASKS
+    from lightning_synfer.tasks import TASKS
 
     if s.task not in TASKS:
         raise ConfigError(f"sweep.task={s.task!r}: expected one of {sorted(t for t in TASKS if t != 'sweep')}")

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_synfer.cli import PLAIN_TASKS, TASKS, main
+from lightning_synfer.cli import main
+from lightning_synfer.tasks import PLAIN_TASKS, TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_GROUPS = {"paths", "trainer", "logger", "data", "model"}  # merged under their key, not experiments

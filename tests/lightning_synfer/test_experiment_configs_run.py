@@ -23,7 +23,7 @@ import torch
 
 from conftest import tiny_overrides
 from fixtures import FER2013_FOLDERS, make_folder_dataset, make_synthetic_set, write_image
-from lightning_synfer.cli import TASKS, _load
+from lightning_synfer.tasks import TASKS, load
 from lightning_synfer.config import compose, list_experiments, to_container
 
 HERE = Path(__file__).resolve().parent
@@ -192,7 +192,7 @@ def test_config_runs_fast_dev_run_on_fixtures(name, artifacts, tmp_path):
     argv = [f"experiment={name}", *tiny_overrides(tmp_path, *extra, embedded=name in EMBEDDED_DATA)]
     cfg = compose(name, argv[1:])
     assert cfg.trainer.fast_dev_run is True
-    metrics = _load(TASKS[task][0])(cfg, [task, *argv])
+    metrics = load(task)(cfg, [task, *argv])
     written = sorted((tmp_path / "runs").rglob("metrics.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["task"] == metrics["task"]
     _check(task, metrics)
