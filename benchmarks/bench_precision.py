@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Training-step throughput of ResNet-18 at 48 px grayscale: fp32 against bf16 autocast (+ channels_last), with and
 without the stem max-pool (model.small_input). Variants run in one process, one after another, so the ratios compare
-like with like. bf16 pays off on CPUs with AMX / AVX512-BF16 (recent Xeons) and on GPUs; elsewhere it can be slower.
+like with like. bf16 pays off on CPUs with AMX / AVX512-BF16 (recent Xeons) and on GPUs; elsewhere it is emulated and
+many times slower. The first lines say what `trainer.precision=auto` picks on this machine (lightning_synfer/hardware.py).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_precision.py [--batch 64] [--steps 8] [--threads 1]
 """
@@ -11,6 +12,8 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
+
+from lightning_synfer import hardware
 
 
 def images_per_s(model: torch.nn.Module, batch: int, steps: int, bf16: bool, channels_last: bool) -> float:
@@ -38,6 +41,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    info = hardware.describe({"accelerator": "cpu", "precision": "auto"}, {"channels_last": "auto"})
+    print(f"CPU: {info['cpu_model']} (torch capability {info['cpu_capability']}, {args.threads} thread(s))")
+    print(f"trainer.precision=auto picks {info['precision']}: {info['precision_reason']}; "
+          f"model.channels_last=auto picks {info['channels_last']}\n")
     print("| stem | fp32 img/s | bf16 img/s | bf16 + channels_last img/s | best / fp32 |\n|---|---|---|---|---|")
     for small_input in (False, True):
         torch.manual_seed(0)

@@ -26,6 +26,7 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from datamodules.atomic import atomic_write_text
 from datamodules.labels import LabelSpace, UnknownLabelError, canonical_name
 from datamodules.records import SYNTHETIC, Record
 
@@ -141,7 +142,7 @@ def write_header(root: str, label_names: Sequence[str], au_names: Sequence[str] 
     _check_header(header, os.path.join(root, HEADER_FILE))
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, HEADER_FILE)
-    _atomic_write_text(path, json.dumps(header, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(header, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 
@@ -319,7 +320,7 @@ def write_manifest(root: str, records: Iterable[Mapping], version: Optional[int]
                    overwrite: bool = False) -> str:
     """Validate and write `records` as manifest version `version` (default: newest + 1). Returns the path.
 
-    Atomic: written to `<manifest>.tmp-<pid>` and moved into place, so readers never see half a file.
+    Atomic (datamodules.atomic), so readers never see half a file.
     An existing version is never replaced unless overwrite=True (FileExistsError otherwise).
     Needs the header (write_header) first, since records are validated against it.
     """
@@ -342,49 +343,12 @@ def write_manifest(root: str, records: Iterable[Mapping], version: Optional[int]
         first_line_of_id[rec["id"]] = lineno
         lines.append(json.dumps(dict(rec), ensure_ascii=False, allow_nan=False))
 
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + ("\n" if lines else ""))
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _move_no_clobber(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _move_no_clobber(tmp: str, path: str) -> None:
-    """Move tmp to path, failing if path appeared meanwhile (another writer won the race)."""
-    try:
-        os.link(tmp, path)  # atomic create-if-absent on POSIX file systems
-    except FileExistsError:
-        raise FileExistsError(f"{path}: another writer created this manifest version first; "
+        atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""), overwrite=overwrite)
+    except FileExistsError:  # another writer created this version after the check above
+        raise FileExistsError(f"{path}: another writer created manifest version {version} first; "
                               f"pass overwrite=True or write a new version") from None
-    except OSError:
-        # File systems without hard links: the existence check above is the best we can do.
-        if os.path.exists(path):
-            raise FileExistsError(f"{path}: manifest version already exists; pass overwrite=True") from None
-        os.replace(tmp, path)
-        return
-    os.remove(tmp)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return path
 
 
 # ------------------------------------------------------------------------------ label-space mapping

@@ -2,7 +2,7 @@
 
     runs/<experiment>/<YYYYmmdd-HHMMSS>-<hash8>/
         config.yaml        the resolved config
-        provenance.json    git commit (and dirty flag), package versions, host, command line
+        provenance.json    git commit (and dirty flag), package versions, host, command line, hardware choices
         tb/                TensorBoard logs
         checkpoints/       best.ckpt, last.ckpt
         metrics.json       written last, by every task; tables are built from these files only
@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_synfer import hardware
 from lightning_synfer.config.compose import ConfigError, to_container
 from lightning_synfer.config.schema import VOLATILE_KEYS
 from datamodules.atomic import atomic_write_json, atomic_write_text
@@ -239,6 +240,8 @@ def prepare_run_dir(cfg: DictConfig, *, argv: Optional[list[str]] = None) -> Run
             "config_hash": digest,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "resumed_from": str(resumed_from) if resumed_from else None,
+            # what trainer.precision / model.channels_last `auto` chose on this machine, and why
+            "hardware": hardware.describe(cfg.get("trainer"), cfg.get("model")),
         })
     return RunDir(path=path, config_hash=digest, resumed_from=resumed_from)
 

@@ -3,6 +3,7 @@ so every point of an ablation grid runs under the same loggers, callbacks and st
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any, Optional, Sequence
@@ -14,7 +15,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
-from lightning_synfer.runs import RunDir
+from lightning_synfer import hardware
+from lightning_synfer.config.schema import TrainerConfig
+from lightning_synfer.runs import RunDir, is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ class RestoreLoaderState(Callback):
     Lightning loads dataloader state in FitLoop.setup_data, but configure_optimizers already called
     setup_data (through trainer.estimated_stepping_batches) before the checkpoint was read, so the
     saved position would be ignored and the epoch replayed from its first batch.
+
+    `FitLoop._load_combined_loader_states` is private Lightning API: setup.cfg pins the tested Lightning range
+    (>=2.6,<2.7), and tests/lightning_synfer/test_trainer.py fails when the pin or the hook goes away.
     """
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -155,6 +161,16 @@ def _optional(value: Any) -> Any:
     return None if value in (None, "null") else value
 
 
+# `trainer.*` keys that are ours, not lightning.Trainer arguments; every other TrainerConfig field is passed on
+# under its own name, so a Trainer argument is added to the suite by adding one field to TrainerConfig.
+OWN_TRAINER_KEYS = frozenset({"sync_batchnorm", "checkpoint_every_n_steps", "precision"})
+
+
+def trainer_arguments() -> list[str]:
+    """The TrainerConfig fields passed to lightning.Trainer as they are."""
+    return [f.name for f in dataclasses.fields(TrainerConfig) if f.name not in OWN_TRAINER_KEYS]
+
+
 def build_trainer(
     cfg: DictConfig,
     run: Optional[RunDir],
@@ -176,64 +192,16 @@ def build_trainer(
     on SyncBatchNorm when more than one process trains (see `resolve_sync_batchnorm`).
     """
     t = cfg.trainer
-    cbs: list[Callback] = [StopOnNonFiniteLoss(), RestoreLoaderState()]
-    if cfg.get("seed") is not None:
-        cbs.append(SeedEachBatch(cfg.seed))
-    loggers: list[Any] = []
-    if run is not None:
-        if cfg.logger.tensorboard:
-            loggers.append(TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False))
-        if cfg.logger.csv:
-            loggers.append(CSVLogger(save_dir=str(run.path), name="csv", version=""))
-        if enable_checkpointing and not t.fast_dev_run:
-            # First callback = trainer.checkpoint_callback: the best weights by `monitor`.
-            if monitor:
-                cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", monitor=monitor,
-                                           mode=mode, save_top_k=1, auto_insert_metric_name=False))
-            # last.ckpt for resume: at every epoch end, and also every N steps when preemption is likely
-            # (Lightning's triggers are exclusive per callback, hence two). Both overwrite the one last.ckpt:
-            # with Lightning's version counter, the second would find the first's file and write last-v1.ckpt,
-            # which resume=auto never reads.
-            cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True,
-                                       enable_version_counter=False))
-            if t.checkpoint_every_n_steps:
-                cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True,
-                                           every_n_train_steps=t.checkpoint_every_n_steps,
-                                           enable_version_counter=False))
-            cbs.append(SaveOnPreemption(run))
-    if loggers:
-        cbs.append(LearningRateMonitor(logging_interval="step"))
-    if t.enable_progress_bar:
-        cbs.append(TQDMProgressBar(refresh_rate=max(1, int(t.log_every_n_steps))))
-    else:
-        cbs.append(PlainProgress(int(t.log_every_n_steps)))
+    loggers = _loggers(cfg, run)
+    cbs = _callbacks(cfg, run, monitor=monitor, mode=mode, checkpoints=enable_checkpointing, lr_monitor=bool(loggers))
     cbs.extend(callbacks)
-
-    kwargs: dict[str, Any] = dict(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        max_epochs=t.max_epochs,
-        max_steps=t.max_steps,
-        max_time=_optional(t.max_time),
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=_optional(t.gradient_clip_val),
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
-        val_check_interval=_optional(t.val_check_interval),
-        log_every_n_steps=t.log_every_n_steps,
-        fast_dev_run=t.fast_dev_run,
-        limit_train_batches=_optional(t.limit_train_batches),
-        limit_val_batches=_optional(t.limit_val_batches),
-        limit_test_batches=_optional(t.limit_test_batches),
-        limit_predict_batches=_optional(t.limit_predict_batches),
-        num_sanity_val_steps=t.num_sanity_val_steps,
-        deterministic=t.deterministic,
-        benchmark=_optional(t.benchmark),
-        enable_progress_bar=t.enable_progress_bar,
+    choice = hardware.choose(t, cfg.get("model"))
+    if choice.precision_reason != "set in the config" and is_global_zero():
+        print(f"[synfer] trainer.precision=auto -> {choice.precision}: {choice.precision_reason}", flush=True)
+    kwargs: dict[str, Any] = {key: _optional(t[key]) for key in trainer_arguments()}
+    kwargs.update(
+        precision=choice.precision,
         enable_checkpointing=enable_checkpointing and run is not None,
-        detect_anomaly=t.detect_anomaly,
         logger=loggers or False,
         callbacks=cbs,
         use_distributed_sampler=use_distributed_sampler,
@@ -242,18 +210,65 @@ def build_trainer(
         plugins=[AtomicCheckpointIO()],
     )
     kwargs.update(overrides)
-    setting = _optional(t.sync_batchnorm)
+    return _with_sync_batchnorm(kwargs, _optional(t.sync_batchnorm), needs_sync_batchnorm)
+
+
+def _loggers(cfg: DictConfig, run: Optional[RunDir]) -> list[Any]:
+    if run is None:
+        return []
+    loggers: list[Any] = []
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False))
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run.path), name="csv", version=""))
+    return loggers
+
+
+def _callbacks(cfg: DictConfig, run: Optional[RunDir], *, monitor: Optional[str], mode: str, checkpoints: bool,
+               lr_monitor: bool) -> list[Callback]:
+    t = cfg.trainer
+    cbs: list[Callback] = [StopOnNonFiniteLoss(), RestoreLoaderState()]
+    if cfg.get("seed") is not None:
+        cbs.append(SeedEachBatch(cfg.seed))
+    if run is not None and checkpoints and not t.fast_dev_run:
+        # First callback = trainer.checkpoint_callback: the best weights by `monitor`.
+        if monitor:
+            cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", monitor=monitor,
+                                       mode=mode, save_top_k=1, auto_insert_metric_name=False))
+        # last.ckpt for resume: at every epoch end, and also every N steps when preemption is likely
+        # (Lightning's triggers are exclusive per callback, hence two). Both overwrite the one last.ckpt:
+        # with Lightning's version counter, the second would find the first's file and write last-v1.ckpt,
+        # which resume=auto never reads.
+        cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True,
+                                   enable_version_counter=False))
+        if t.checkpoint_every_n_steps:
+            cbs.append(ModelCheckpoint(dirpath=str(run.checkpoints), save_top_k=0, save_last=True,
+                                       every_n_train_steps=t.checkpoint_every_n_steps,
+                                       enable_version_counter=False))
+        cbs.append(SaveOnPreemption(run))
+    if lr_monitor:
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+    if t.enable_progress_bar:
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, int(t.log_every_n_steps))))
+    else:
+        cbs.append(PlainProgress(int(t.log_every_n_steps)))
+    return cbs
+
+
+def _with_sync_batchnorm(kwargs: dict[str, Any], setting: Optional[bool], needs: bool) -> L.Trainer:
+    """The Trainer, rebuilt with SyncBatchNorm when `setting` is null (auto) and the run needs it.
+
+    The Trainer knows the cluster environment (SLURM, torchrun) and the devices it found, so the automatic
+    choice reads its world size; a rebuild happens only for a multi-GPU run of a family that needs it."""
     trainer = _trainer(kwargs, bool(setting))
-    # The Trainer knows the cluster environment (SLURM, torchrun) and the devices it found, so the automatic
-    # choice reads its world size; a rebuild happens only for a multi-GPU run of a family that needs it.
     accelerator = _accelerator_name(trainer)
-    if setting is None and resolve_sync_batchnorm(None, needs_sync_batchnorm, world_size_of(trainer), accelerator):
+    if setting is None and resolve_sync_batchnorm(None, needs, world_size_of(trainer), accelerator):
         trainer = _trainer(kwargs, True)
     if setting and trainer.world_size > 1 and not sync_batchnorm_supported(accelerator):
         raise ValueError(f"trainer.sync_batchnorm=true with {trainer.world_size} processes on "
                          f"{accelerator}: torch's SyncBatchNorm runs on GPUs only; expected "
                          f"trainer.sync_batchnorm=null (auto) or false for CPU runs")
-    if setting is None and needs_sync_batchnorm and trainer.world_size > 1 and trainer.is_global_zero:
+    if setting is None and needs and trainer.world_size > 1 and trainer.is_global_zero:
         on = sync_batchnorm_supported(accelerator)
         why = "" if on else " (torch's SyncBatchNorm runs on GPUs only: each rank normalises its own samples)"
         print(f"[synfer] sync_batchnorm {'on' if on else 'off'}: the module needs global BatchNorm statistics, "

@@ -12,6 +12,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# trainer.precision: auto picks bf16 on CPUs with AMX and fp32 elsewhere; CI lands on either kind of box, so the
+# suite's numbers must not depend on it: its runs see a CPU without native bf16 (test_hardware.py fakes both).
+os.environ.setdefault("SYNFER_CPU_BF16", "0")
 
 import torch  # noqa: E402
 

@@ -9,13 +9,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from datamodules.atomic import atomic_open
 from datamodules.labels import LabelSpace
 from datamodules.procedural.aus import AU_NAMES, NUM_AUS, sample_aus
 from datamodules.procedural.captions import make_caption
@@ -175,7 +175,6 @@ def render_split_cached(
     """
     space = _check_args(split, num_images, size, channels, num_classes, identities_per_split)
     path = cache_file(cache_dir, split, num_images, size, channels, seed, num_classes, identities_per_split)
-    cache_dir = path.parent
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -187,15 +186,7 @@ def render_split_cached(
 
     result = render_split(split, num_images, size=size, channels=channels, seed=seed,
                           num_classes=num_classes, identities_per_split=identities_per_split)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, images=result.images, labels=result.labels, aus=result.aus,
-                     captions=np.array(result.captions, dtype=str), identity_ids=result.identity_ids)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as handle:
+        np.savez(handle, images=result.images, labels=result.labels, aus=result.aus,
+                 captions=np.array(result.captions, dtype=str), identity_ids=result.identity_ids)
     return result

@@ -40,7 +40,8 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    # auto: bf16-mixed on GPUs and CPUs with native bf16 (AMX / AVX512-BF16), else 32-true (lightning_synfer/hardware.py)
+    precision: str = "auto"
     max_epochs: int = 10
     max_steps: int = -1
     max_time: Optional[str] = None
@@ -135,7 +136,7 @@ class ModelConfig:
     small_input: bool = False  # ResNet family: drop the stem max-pool for 32-64 px inputs
     au_head: bool = False  # optional AU-regression head (AU error of generated faces)
     au_loss_weight: float = 1.0
-    channels_last: bool = False
+    channels_last: Any = "auto"  # auto | true | false; auto: on where the precision is bf16/fp16 (hardware.py)
     compile: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.atomic import atomic_write_text
 from lightning_synfer import optim
 from lightning_synfer.models.au_adapter import (AUAdapter, install_au_processors, load_au_adapter,
                                                 save_au_adapter, set_au_scale)
@@ -476,6 +477,8 @@ class GeneratorModule(L.LightningModule):
         """Write the diffusers-format export described in the module docstring; returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # generator_config.json marks a complete export: an old one must not vouch for the files rewritten below.
+        (folder / "generator_config.json").unlink(missing_ok=True)
         self._write_weights(folder, "")
         if self.ema is not None:
             with self.ema_weights():
@@ -503,9 +506,7 @@ class GeneratorModule(L.LightningModule):
             "cross_attention_dim": int(self.unet.config.cross_attention_dim),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
-        tmp = folder / "generator_config.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, folder / "generator_config.json")  # written last: its presence marks a complete export
+        atomic_write_text(folder / "generator_config.json", json.dumps(meta, indent=2))  # last: marks a complete export
         return folder
 
     # -- loading ----------------------------------------------------------------------------------------------

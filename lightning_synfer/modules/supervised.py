@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_synfer import optim
+from lightning_synfer import hardware, optim
 from lightning_synfer.losses import SoftTargetCrossEntropy
 from lightning_synfer.modules.base import FERClassifierModule
 
@@ -40,7 +40,7 @@ class SupervisedFER(FERClassifierModule):
                                prob=loss.mixup_prob, mode="batch", num_classes=self.num_classes)
         self.train_acc = nn.ModuleDict({d: MulticlassAccuracy(self.num_classes, average="micro")
                                         for d in ("all", "real", "synthetic")})
-        if m.channels_last:
+        if hardware.choose(self.cfg.trainer, m).channels_last:  # model.channels_last: auto follows the precision
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
+from datamodules.atomic import atomic_open
 from lightning_synfer.synthesis.merge import PARTS_DIR, merge
 
 
@@ -25,17 +26,8 @@ def image_relpath(index: int, record_id: str, shard_size: int, ext: str = "png")
 
 
 def write_image_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            Image.fromarray(array).save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path, "wb") as fh:
+        Image.fromarray(array).save(fh, format="PNG")
 
 
 class SynthesisWriter(BasePredictionWriter):

@@ -180,13 +180,13 @@ def test_duplicate_id_and_bad_json_rejected(tmp_path):
 def test_atomic_write_no_tmp_and_refuses_overwrite(tmp_path):
     root = make_synthetic_set(tmp_path / "syn", n=3)
     _, records = read_manifest(str(root))
-    assert not [n for n in os.listdir(root) if ".tmp-" in n]
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
     with pytest.raises(FileExistsError, match="overwrite"):
         write_manifest(str(root), records, version=1)
     changed = [dict(r, caption="changed") for r in records]
     write_manifest(str(root), changed, version=1, overwrite=True)
     assert read_manifest(str(root))[1][0]["caption"] == "changed"
-    assert not [n for n in os.listdir(root) if ".tmp-" in n]
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
 
 
 def test_failed_write_leaves_nothing(tmp_path):
