@@ -1,7 +1,7 @@
 """The mixing DataModule's train loader against a plain shuffled DataLoader over the same images.
 
 Both read the same FERDataset objects (decode + face augmentation) with the same batch size and workers;
-the only difference is the MixingBatchSampler + StatefulDataLoader. Real data: FER2013 JPEGs when
+the only difference is the MixingBatchSampler + ResumableDataLoader. Real data: FER2013 JPEGs when
 ../shared/data/fer2013 exists, else the embedded faces; the synthetic side is an embedded stand-in (ratio 0.25).
 Repeats alternate (mixing, plain, plain, mixing, ...) in one process.
 

@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datamodules.mixing import MixingBatchSampler, StatefulDataLoader  # noqa: E402
+from datamodules.mixing import MixingBatchSampler, ResumableDataLoader  # noqa: E402
 
 
 class InMemoryFaces(Dataset):
@@ -82,7 +82,7 @@ def main() -> None:
     if len(sampler) < args.batches:
         parser.error(f"--batches={args.batches} exceeds the mixing epoch ({len(sampler)} batches)")
     worker_options = dict(num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
-    mixing_loader = StatefulDataLoader(dataset, batch_sampler=sampler, **worker_options)
+    mixing_loader = ResumableDataLoader(dataset, batch_sampler=sampler, **worker_options)
     plain_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                               generator=torch.Generator().manual_seed(0), **worker_options)
 

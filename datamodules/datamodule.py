@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from datamodules.labels import LabelSpace
-from datamodules.mixing import MixingBatchSampler, StatefulDataLoader
+from datamodules.mixing import MixingBatchSampler, ResumableDataLoader
 from datamodules.records import SYNTHETIC, BadImageError, BadImageLog, Record, to_pil
 from datamodules.transforms import eval_transform, train_transform
 
@@ -316,7 +316,7 @@ class FERDataModule(L.LightningDataModule):
             synthetic_scale=self.data.mix.synthetic_scale, world_size=world, rank=rank, seed=self.cfg.seed)
         # ConcatDataset order matches the sampler's index space: real first, then synthetic.
         dataset = SeededConcatDataset(parts if real is not None else [_Empty(), synth])
-        return StatefulDataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+        return ResumableDataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
 
     def _eval_loader(self, name: str) -> DataLoader:
         if name not in self.datasets:

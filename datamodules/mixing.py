@@ -3,7 +3,7 @@
 The training set is ``ConcatDataset([real, synthetic])``: indices ``0..num_real-1`` are real images and
 ``num_real..num_real+num_synthetic-1`` are synthetic ones. :class:`MixingBatchSampler` decides, for every optimizer
 step, which samples form the *global* batch (all ranks together) and hands each rank its slice of it.
-:class:`StatefulDataLoader` wraps a ``DataLoader`` around it so Lightning checkpoints can resume mid-epoch.
+:class:`ResumableDataLoader` wraps a ``DataLoader`` around it so Lightning checkpoints can resume mid-epoch.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class MixingBatchSampler(Sampler[list[int]]):
     Resuming: :meth:`state_dict` records ``epoch`` and ``batches_done`` (global steps, identical on every rank, so
     a run can resume on a different world size); after :meth:`load_state_dict` the next :meth:`__iter__` of that
     epoch skips the finished steps. The sampler counts batches as it *yields* them, which with ``num_workers > 0``
-    runs ahead of training; :class:`StatefulDataLoader` counts *consumed* batches and is what should be checkpointed.
+    runs ahead of training; :class:`ResumableDataLoader` counts *consumed* batches and is what should be checkpointed.
     """
 
     def __init__(
@@ -360,7 +360,7 @@ def _validate_rounding(synthetic_ratio: float, global_batch_size: int, synthetic
                          "use a larger batch or a ratio of 1 (synthetic-only)")
 
 
-class StatefulDataLoader(DataLoader):
+class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over a :class:`MixingBatchSampler` whose checkpoint state counts *consumed* batches.
 
     Lightning 2.x stores ``state_dict()`` of every train dataloader that has ``state_dict``/``load_state_dict``
@@ -372,7 +372,7 @@ class StatefulDataLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.batch_sampler, MixingBatchSampler):
-            raise TypeError(f"StatefulDataLoader needs batch_sampler=MixingBatchSampler(...), "
+            raise TypeError(f"ResumableDataLoader needs batch_sampler=MixingBatchSampler(...), "
                             f"got {type(self.batch_sampler).__name__}")
         self._consumed_epoch: int | None = None  # epoch of the iteration being counted; None before any
         self._consumed = 0

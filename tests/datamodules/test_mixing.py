@@ -11,7 +11,7 @@ from datamodules.mixing import (
     REAL_DOMAIN,
     SYNTHETIC_DOMAIN,
     MixingBatchSampler,
-    StatefulDataLoader,
+    ResumableDataLoader,
     domain_of,
 )
 
@@ -283,7 +283,7 @@ def test_worker_processes_give_the_same_batches_as_the_main_process():
 
 def test_stateful_loader_counts_consumed_not_prefetched_batches():
     dataset = IndexDataset(NUM_REAL + NUM_SYNTHETIC)
-    loader = StatefulDataLoader(dataset, batch_sampler=make_sampler(), num_workers=2, prefetch_factor=2)
+    loader = ResumableDataLoader(dataset, batch_sampler=make_sampler(), num_workers=2, prefetch_factor=2)
     full_epoch = loader_batches(loader)
     iterator = iter(loader)
     consumed = [next(iterator).flatten().long().tolist() for _ in range(3)]
@@ -292,14 +292,14 @@ def test_stateful_loader_counts_consumed_not_prefetched_batches():
     assert loader.mixing_sampler.state_dict()["batches_done"] > 3  # workers were fed ahead
     del iterator
 
-    resumed = StatefulDataLoader(dataset, batch_sampler=make_sampler(), num_workers=0)
+    resumed = ResumableDataLoader(dataset, batch_sampler=make_sampler(), num_workers=0)
     resumed.load_state_dict(state)
     assert consumed + loader_batches(resumed) == full_epoch
 
 
 def test_stateful_loader_requires_the_mixing_sampler():
     with pytest.raises(TypeError, match="MixingBatchSampler"):
-        StatefulDataLoader(IndexDataset(4), batch_size=2)
+        ResumableDataLoader(IndexDataset(4), batch_size=2)
 
 
 # ---------------------------------------------------------------- Lightning checkpoint/resume
@@ -328,7 +328,7 @@ LIGHTNING_DATA = dict(num_real=40, num_synthetic=23, global_batch_size=8)  # 4 r
 
 def fit(tmp_path, max_steps, ckpt_path=None, callbacks=(), num_workers=0):
     sampler = make_sampler(**LIGHTNING_DATA)
-    loader = StatefulDataLoader(IndexDataset(40 + 23), batch_sampler=sampler, num_workers=num_workers)
+    loader = ResumableDataLoader(IndexDataset(40 + 23), batch_sampler=sampler, num_workers=num_workers)
     model = RecordingModule()
     trainer = lightning.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
