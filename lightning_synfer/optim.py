@@ -6,7 +6,7 @@ from typing import Any, Iterable
 import torch
 from omegaconf import DictConfig
 
-from lightning_synfer.trainer import cosine_with_warmup
+from lightning_synfer.trainer import cosine_with_warmup, per_device_batch
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -19,9 +19,17 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def scaled_lr(optim_cfg: DictConfig, global_batch: int) -> float:
-    """lr x global_batch / 256 when optim.scale_lr_with_batch (global = per device x devices x nodes)."""
-    return optim_cfg.lr * global_batch / 256 if optim_cfg.scale_lr_with_batch else optim_cfg.lr
+def effective_batch(global_batch: int, trainer: Any) -> int:
+    """Samples per optimizer step: the global batch (data.batch_size, split over devices x nodes) x
+    trainer.accumulate_grad_batches. The one definition every family's learning-rate scaling uses."""
+    world = max(1, int(trainer.num_devices) * int(trainer.num_nodes))
+    per_device = per_device_batch(int(global_batch), world)  # refuses a batch the devices cannot share evenly
+    return per_device * world * int(trainer.accumulate_grad_batches)
+
+
+def scaled_lr(optim_cfg: DictConfig, samples_per_step: int) -> float:
+    """lr x samples_per_step / 256 when optim.scale_lr_with_batch (samples_per_step: `effective_batch`)."""
+    return optim_cfg.lr * samples_per_step / 256 if optim_cfg.scale_lr_with_batch else optim_cfg.lr
 
 
 def build_optimizer(groups: Iterable[dict[str, Any]], optim_cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
@@ -39,8 +47,11 @@ def build_optimizer(groups: Iterable[dict[str, Any]], optim_cfg: DictConfig, lr:
 
 def configure(module: torch.nn.Module, trainer: Any, optim_cfg: DictConfig, global_batch: int,
               groups: Iterable[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """What LightningModule.configure_optimizers returns: optimizer + per-step warmup-cosine."""
-    lr = scaled_lr(optim_cfg, global_batch)
+    """What LightningModule.configure_optimizers returns: optimizer + per-step warmup-cosine.
+
+    `global_batch` is data.batch_size; the lr is scaled by `effective_batch` (x gradient accumulation).
+    """
+    lr = scaled_lr(optim_cfg, effective_batch(global_batch, trainer))
     optimizer = build_optimizer(groups if groups is not None else param_groups(module, optim_cfg.weight_decay),
                                 optim_cfg, lr)
     if optim_cfg.scheduler == "constant":

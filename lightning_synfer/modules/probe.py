@@ -60,7 +60,8 @@ class SSLProbe(FERClassifierModule):
         global_batch = int(self.cfg.data.batch_size)
         groups = optim.param_groups(self.head, o.weight_decay)  # feature_norm has statistics, no parameters
         if not self.freeze_backbone:
-            backbone_lr = optim.scaled_lr(o, global_batch) * self.cfg.ssl.probe.backbone_lr_ratio
+            backbone_lr = (optim.scaled_lr(o, optim.effective_batch(global_batch, self.trainer))
+                           * self.cfg.ssl.probe.backbone_lr_ratio)
             groups += [{**g, "lr": backbone_lr} for g in optim.param_groups(self.backbone, o.weight_decay)]
         return optim.configure(self, self.trainer, o, global_batch, groups=[g for g in groups if g["params"]])
 

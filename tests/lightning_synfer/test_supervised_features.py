@@ -21,6 +21,8 @@ from lightning_synfer.tasks import fit
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NAMES = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt"]
+# The trainer attributes optim.configure reads: one device, no gradient accumulation, 100 optimizer steps.
+ONE_DEVICE = SimpleNamespace(num_devices=1, num_nodes=1, accumulate_grad_batches=1, estimated_stepping_batches=100)
 
 
 # -- Mixup / CutMix ----------------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def test_warmup_cosine_schedule_values(tiny):
     cfg = compose("supervised/embedded", tiny("optim.lr=0.001", "optim.warmup_fraction=0.1", "optim.min_lr_ratio=0.01",
                                               "optim.weight_decay=0.05"))
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    out = optim.configure(model, SimpleNamespace(estimated_stepping_batches=100), cfg.optim, global_batch=8)
+    out = optim.configure(model, ONE_DEVICE, cfg.optim, global_batch=8)
     opt, sched = out["optimizer"], out["lr_scheduler"]
     assert out["lr_scheduler"]["interval"] == "step"
     assert [len(g["params"]) for g in opt.param_groups] == [1, 3]  # only the Linear weight decays
@@ -116,7 +118,7 @@ def test_warmup_cosine_schedule_values(tiny):
     # lr scaling with the global batch, and the constant schedule
     scaled = compose("supervised/embedded", tiny("optim.lr=0.001", "optim.scale_lr_with_batch=true",
                                                  "optim.scheduler=constant"))
-    out = optim.configure(model, SimpleNamespace(estimated_stepping_batches=100), scaled.optim, global_batch=512)
+    out = optim.configure(model, ONE_DEVICE, scaled.optim, global_batch=512)
     assert set(out) == {"optimizer"} and out["optimizer"].param_groups[0]["lr"] == pytest.approx(2e-3)
 
 

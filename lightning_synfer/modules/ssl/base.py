@@ -33,7 +33,6 @@ from lightning_synfer import optim
 from lightning_synfer.metrics.knn import WeightedKNN
 from lightning_synfer.models.backbones import create_backbone
 from lightning_synfer.modules.base import CHECKPOINT_FORMAT, default_normalization
-from lightning_synfer.trainer import per_device_batch
 
 # -- multi-view augmentation ------------------------------------------------------------------------
 
@@ -231,10 +230,7 @@ class SSLBase(L.LightningModule):
     # -- optimization --------------------------------------------------------------------------------
     def global_batch_size(self) -> int:
         """Samples per optimizer step: batch per device x devices x nodes (x gradient accumulation)."""
-        trainer = self.trainer
-        world = max(1, int(trainer.num_devices) * int(trainer.num_nodes))
-        per_device = per_device_batch(int(self.cfg.data.batch_size), world)
-        return per_device * world * int(trainer.accumulate_grad_batches)
+        return optim.effective_batch(int(self.cfg.data.batch_size), self.trainer)
 
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
@@ -247,7 +243,7 @@ class SSLBase(L.LightningModule):
                 probe["lr"] = self.cfg.ssl.online.probe_lr
             groups.append(probe)
         groups = [g for g in groups if g["params"]]
-        return optim.configure(self, self.trainer, o, self.global_batch_size(), groups=groups)
+        return optim.configure(self, self.trainer, o, int(self.cfg.data.batch_size), groups=groups)
 
     # -- checkpoint metadata -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
