@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_synfer import hardware, optim
+from lightning_synfer.batch_mix import BatchMix
 from lightning_synfer.losses import SoftTargetCrossEntropy
 from lightning_synfer.modules.base import FERClassifierModule
 
@@ -34,10 +35,7 @@ class SupervisedFER(FERClassifierModule):
         self.criterion = SoftTargetCrossEntropy(loss.label_smoothing, loss.class_weights)
         self.mixup = None
         if loss.mixup_alpha > 0 or loss.cutmix_alpha > 0:
-            from timm.data import Mixup
-
-            self.mixup = Mixup(mixup_alpha=loss.mixup_alpha, cutmix_alpha=loss.cutmix_alpha,
-                               prob=loss.mixup_prob, mode="batch", num_classes=self.num_classes)
+            self.mixup = BatchMix(mixup_alpha=loss.mixup_alpha, cutmix_alpha=loss.cutmix_alpha, prob=loss.mixup_prob)
         self.train_acc = nn.ModuleDict({d: MulticlassAccuracy(self.num_classes, average="micro")
                                         for d in ("all", "real", "synthetic")})
         if hardware.choose(self.cfg.trainer, m).channels_last:  # model.channels_last: auto follows the precision
@@ -51,16 +49,20 @@ class SupervisedFER(FERClassifierModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, target = batch["image"], batch["label_soft"]
+        aus, has_aus = batch.get("aus"), batch.get("has_aus")
         if self.mixup is not None:
-            # timm's batch-mode mixing coefficient, applied to our soft targets (rectified labels stay soft).
-            lam = self.mixup._mix_batch(images)
-            target = lam * target + (1.0 - lam) * target.flip(0)
+            # Every target follows the images: soft labels (rectified labels stay soft) and AUs, same partners and
+            # coefficient; a mixed face has AU targets only when both of its parts had them.
+            images, mix = self.mixup.draw(images)
+            if mix is not None:
+                target = mix.targets(target)
+                if has_aus is not None:
+                    aus, has_aus = mix.targets(aus), mix.has_both(has_aus)
         feats = self.backbone(images)
         logits = self.head(feats)
         loss = self.criterion(logits, target)
-        if self.au_head is not None and "has_aus" in batch and batch["has_aus"].any():
-            mask = batch["has_aus"]
-            au_loss = F.mse_loss(torch.sigmoid(self.au_head(feats[mask])), batch["aus"][mask].to(feats))
+        if self.au_head is not None and has_aus is not None and has_aus.any():
+            au_loss = F.mse_loss(torch.sigmoid(self.au_head(feats[has_aus])), aus[has_aus].to(feats))
             loss = loss + self.cfg.model.au_loss_weight * au_loss
             self.log("train/au_mse", au_loss, sync_dist=True)
         preds = logits.detach().argmax(-1)

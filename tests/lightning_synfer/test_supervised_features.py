@@ -4,6 +4,7 @@ and a fit on RGB input."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from datamodules.procedural.aus import NUM_AUS
 from lightning_synfer import optim
 from lightning_synfer.config import compose
 from lightning_synfer.losses import SoftTargetCrossEntropy
@@ -27,40 +29,90 @@ ONE_DEVICE = SimpleNamespace(num_devices=1, num_nodes=1, accumulate_grad_batches
 
 # -- Mixup / CutMix ----------------------------------------------------------------------------------------------
 
-def _batch(n: int = 8, size: int = 32) -> dict:
-    labels = torch.arange(n) % len(NAMES)  # distinct labels: the flipped partner always has another class
-    return {"image": torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(1)), "label": labels,
-            "label_soft": F.one_hot(labels, len(NAMES)).float(), "aus": torch.zeros(n, 12),
-            "has_aus": torch.zeros(n, dtype=torch.bool), "domain": torch.zeros(n, dtype=torch.long)}
+def _batch(n: int = 8, size: int = 32, has_aus: bool = True) -> dict:
+    labels = torch.arange(n) % len(NAMES)  # distinct labels: a mixed row names both of its parts
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.randn(n, 1, size, size, generator=g), "label": labels,
+            "label_soft": F.one_hot(labels, len(NAMES)).float(), "aus": torch.rand(n, NUM_AUS, generator=g),
+            "has_aus": torch.full((n,), has_aus), "domain": torch.zeros(n, dtype=torch.long)}
+
+
+def _partners(target: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Read the partner of each sample and lambda off mixed one-hot targets of distinct labels."""
+    partner = torch.arange(len(labels))
+    lams = []
+    for i, row in enumerate(target):
+        others = [int(c) for c in row.nonzero() if int(c) != int(labels[i])]
+        if others:
+            partner[i] = int((labels == others[0]).nonzero())
+            lams.append(float(row[labels[i]]))
+    assert lams and max(lams) - min(lams) < 1e-6  # one coefficient for the whole batch
+    return partner, lams[0]
+
+
+def _run_step(module, batch, monkeypatch) -> dict:
+    """training_step, recording what the backbone, the class loss and the AU loss were given."""
+    from lightning_synfer.modules import supervised
+
+    seen = {}
+    module.backbone.register_forward_pre_hook(lambda m, args: seen.update(images=args[0].clone()))
+    module.criterion.register_forward_pre_hook(lambda m, args: seen.update(target=args[1].clone()))
+    real_mse = F.mse_loss
+    monkeypatch.setattr(supervised.F, "mse_loss", lambda pred, target: seen.update(
+        au_rows=len(pred), au_target=target.clone()) or real_mse(pred, target))
+    torch.manual_seed(0)
+    assert torch.isfinite(module.training_step(batch, 0))
+    return seen
 
 
 @pytest.mark.filterwarnings("ignore:.*self.log.*")  # a bare training_step: no trainer to log to
 @pytest.mark.parametrize("mode", ["mixup", "cutmix"])
-def test_mixup_and_cutmix_mix_images_and_targets_with_one_coefficient(tiny, mode):
+def test_mixup_and_cutmix_mix_images_soft_labels_and_aus_with_one_coefficient(tiny, mode, monkeypatch):
     alpha = "loss.mixup_alpha=0.4" if mode == "mixup" else "loss.cutmix_alpha=1.0"
-    cfg = compose("supervised/embedded", tiny(alpha, "loss.label_smoothing=0", "model.backbone=test_resnet"))
+    cfg = compose("supervised/embedded", tiny(alpha, "loss.label_smoothing=0", "model.backbone=test_resnet",
+                                              "model.au_head=true"))
     module = SupervisedFER(config=cfg, label_names=NAMES)
-    seen = {}
-    module.backbone.register_forward_pre_hook(lambda m, args: seen.update(images=args[0].clone()))
-    module.criterion.register_forward_pre_hook(lambda m, args: seen.update(target=args[1].clone()))
     batch = _batch()
-    x, y = batch["image"].clone(), batch["label_soft"].clone()
-    np.random.seed(0)  # timm draws the coefficient from numpy's global RNG
-    loss = module.training_step(batch, 0)
-    assert torch.isfinite(loss)
-    target, images = seen["target"], seen["images"]
-    lam = float(target[0, batch["label"][0]])
+    x, y, aus = batch["image"].clone(), batch["label_soft"].clone(), batch["aus"].clone()
+    seen = _run_step(module, batch, monkeypatch)
+    partner, lam = _partners(seen["target"], batch["label"])
     assert 0.0 < lam < 1.0
-    assert torch.allclose(target, lam * y + (1 - lam) * y.flip(0), atol=1e-6)  # each row: two classes, lam / 1-lam
+    assert torch.allclose(seen["target"], lam * y + (1 - lam) * y[partner], atol=1e-6)
+    # the AU head is trained on the AUs of the images it sees: mixed with the same partners and lambda
+    assert seen["au_rows"] == len(x)
+    assert torch.allclose(seen["au_target"], lam * aus + (1 - lam) * aus[partner], atol=1e-6)
+    images = seen["images"]
     if mode == "mixup":
-        assert torch.allclose(images, lam * x + (1 - lam) * x.flip(0), atol=1e-5)
-    else:  # a box pasted from the flipped batch, lam = the share of pixels kept
-        pasted = (images == x.flip(0)) & (images != x)
-        assert torch.equal(images[~pasted], x[~pasted])
-        rows, cols = pasted[0, 0].any(1).nonzero(), pasted[0, 0].any(0).nonzero()
+        assert torch.allclose(images, lam * x + (1 - lam) * x[partner], atol=1e-5)
+    else:  # a box pasted from the partner, lambda = the share of pixels kept (area-corrected)
+        i = int((partner != torch.arange(len(x))).nonzero()[0])
+        pasted = images[i, 0] != x[i, 0]
+        assert torch.equal(images[i, 0][pasted], x[partner[i], 0][pasted])
+        rows, cols = pasted.any(1).nonzero(), pasted.any(0).nonzero()
         box = (int(rows.max() - rows.min()) + 1) * (int(cols.max() - cols.min()) + 1)
-        assert int(pasted[0, 0].sum()) == box  # a rectangle
+        assert int(pasted.sum()) == box  # a rectangle
         assert 1 - box / (32 * 32) == pytest.approx(lam, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*self.log.*")
+def test_mixed_sample_has_aus_only_when_both_parts_have_them(tiny, monkeypatch):
+    cfg = compose("supervised/embedded", tiny("loss.mixup_alpha=0.4", "model.backbone=test_resnet",
+                                              "model.au_head=true", "loss.label_smoothing=0"))
+    module = SupervisedFER(config=cfg, label_names=NAMES)
+    batch = _batch()
+    batch["has_aus"][::2] = False  # every other sample comes without AUs
+    has_aus, aus = batch["has_aus"].clone(), batch["aus"].clone()
+    seen = _run_step(module, batch, monkeypatch)
+    partner, lam = _partners(seen["target"], batch["label"])
+    both = has_aus & has_aus[partner]
+    assert seen.get("au_rows", 0) == int(both.sum())  # no AU loss at all when no pair has AUs on both sides
+    if both.any():
+        assert torch.allclose(seen["au_target"], (lam * aus + (1 - lam) * aus[partner])[both], atol=1e-6)
+
+
+def test_no_private_timm_mixup_call():
+    root = Path(__file__).resolve().parents[2] / "lightning_synfer"
+    assert not [str(p) for p in root.rglob("*.py") if "_mix_batch" in p.read_text()]
 
 
 # -- soft-target cross-entropy -------------------------------------------------------------------------------------
