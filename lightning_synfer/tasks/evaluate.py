@@ -1,5 +1,7 @@
 """`python run.py evaluate ckpt=PATH data.test.root=DIR [data.test.format=folder|rafdb|affectnet|sfew]`.
 
+Without data.test.format, DIR is read as `folder` (logged); data.test.format=embedded with a root is an error.
+
 `eval.ensemble=[PATH,...]` averages the class probabilities of more checkpoints with ckpt's; `eval.tta_hflip`
 and `eval.tta_crops` (five crops, ten with the flip) average over views of each image.
 
@@ -8,6 +10,7 @@ out, with a warning; classes the model has and the test set lacks are fine.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Optional
 
@@ -21,6 +24,42 @@ from lightning_synfer.tasks.common import finish, peak_memory_mb, start_run, tim
 from lightning_synfer.trainer import build_trainer
 
 CLASSIFIER_TASKS = ("supervised", "labeler", "ssl_linear", "ssl_finetune")
+
+log = logging.getLogger(__name__)
+
+
+def _command_line_keys(argv: Optional[list[str]]) -> set[str]:
+    return {arg.split("=", 1)[0].lstrip("+~") for arg in (argv or []) if "=" in arg}
+
+
+def resolve_test_source(cfg: DictConfig, argv: Optional[list[str]]) -> DictConfig:
+    """data.test as the user meant it. The default experiment's test set is the embedded faces, which read no folder:
+
+    - data.test.root on the command line without data.test.format: DIR is read as `folder` (the log says so);
+    - data.test.format=embedded with a root otherwise (typed, or from a config): an error naming both keys;
+    - a root given on the command line is evaluated whole: the experiment's data.test.num_images (a count of
+      faces to render, or a subset of the experiment's own test set) applies only when typed beside it.
+    """
+    test, typed = cfg.data.test, _command_line_keys(argv)
+    if test is None or not test.root:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        if test.format == "embedded":
+            if "data.test.format" in typed or "data.test.root" not in typed:
+                raise ConfigError(
+                    f"data.test.root={test.root} is set, but data.test.format=embedded renders the built-in faces and "
+                    f"reads no folder: set data.test.format to the layout of that folder (folder: <root>/<class>/<image>; "
+                    f"rafdb, affectnet, ...) or drop data.test.root")
+            cfg.data.test.format = "folder"
+            log.warning("data.test.root=%s is set and data.test.format is not: reading it as data.test.format=folder "
+                        "(<root>/<class>/<image> or <root>/%s/<class>/<image>); set data.test.format for another "
+                        "layout (rafdb, affectnet, ...)", test.root, test.split)
+        if "data.test.root" in typed and "data.test.num_images" not in typed and test.num_images:
+            log.warning("data.test.num_images=%s comes from the experiment, not from data.test.root=%s: evaluating "
+                        "all of it (type data.test.num_images=N for a subset)", test.num_images, test.root)
+            cfg.data.test.num_images = 0
+    return cfg
 
 
 def test_records(cfg: DictConfig, model_labels: list[str], normalization: dict):
@@ -56,6 +95,7 @@ def test_records(cfg: DictConfig, model_labels: list[str], normalization: dict):
 def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not cfg.ckpt:
         raise ConfigError("evaluate needs ckpt=PATH (a checkpoint written by fit, label or the probes)")
+    cfg = resolve_test_source(cfg, argv)
     module = load_module(cfg.ckpt, tasks=CLASSIFIER_TASKS)
     if cfg.eval.ensemble:
         from lightning_synfer.modules.ensemble import EnsembleClassifier
