@@ -45,8 +45,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
+from peft.tuners.lora import LoraLayer
 
 from datamodules.atomic import atomic_write_text
+from datamodules.procedural.aus import AU_NAMES, EMFACS_PROTOTYPES, au_vector
 from lightning_synfer import optim
 from lightning_synfer.models.au_adapter import (AUAdapter, install_au_processors, load_au_adapter,
                                                 save_au_adapter, set_au_scale)
@@ -60,25 +62,9 @@ EXPORT_FORMAT = 1
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def default_au_names() -> list[str]:
-    try:
-        from datamodules.procedural.aus import AU_NAMES
-    except ImportError:
-        from datamodules.datamodule import default_au_names as names
-
-        return names()
-    return list(AU_NAMES)
-
-
 def merged_unet_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     """The UNet's weights under plain diffusers names: LoRA merged into the base weights, AU processors left out."""
-    lora_layers = {}
-    try:
-        from peft.tuners.lora import LoraLayer
-
-        lora_layers = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
-    except ImportError:
-        pass
+    lora_layers = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
     state: dict[str, torch.Tensor] = {}
     for key, value in unet.state_dict().items():
         if ".processor." in key or ".lora_" in key:
@@ -115,7 +101,7 @@ class GeneratorModule(L.LightningModule):
         self.cfg: DictConfig = OmegaConf.create(config)
         g = self.gcfg = self.cfg.generator
         self.label_names = list(label_names)
-        self.au_names = list(au_names) if au_names is not None else default_au_names()
+        self.au_names = list(au_names) if au_names is not None else list(AU_NAMES)
         self.profile = g.profile
         self.prediction_type = g.prediction_type
         channels = int(self.cfg.data.channels)
@@ -383,16 +369,10 @@ class GeneratorModule(L.LightningModule):
 
         captions = list(self.gcfg.sample_captions) or [label_caption(n) for n in self.label_names]
         aus = torch.zeros(len(captions), len(self.au_names))
-        if not self.gcfg.sample_captions:
-            try:
-                from datamodules.procedural.aus import AU_NAMES, EMFACS_PROTOTYPES, au_vector
-
-                if list(AU_NAMES) == self.au_names:
-                    for i, name in enumerate(self.label_names):
-                        if name in EMFACS_PROTOTYPES:
-                            aus[i] = torch.from_numpy(au_vector(EMFACS_PROTOTYPES[name]))
-            except ImportError:
-                pass
+        if not self.gcfg.sample_captions and list(AU_NAMES) == self.au_names:
+            for i, name in enumerate(self.label_names):
+                if name in EMFACS_PROTOTYPES:
+                    aus[i] = torch.from_numpy(au_vector(EMFACS_PROTOTYPES[name]))
         return captions, aus
 
     @torch.no_grad()

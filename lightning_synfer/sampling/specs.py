@@ -18,6 +18,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from datamodules.labels import canonical_name
+from datamodules.procedural import captions as cap
+from datamodules.procedural.aus import AU_NAMES
+from datamodules.procedural.renderer import AGES, GENDERS
 
 log = logging.getLogger(__name__)
 
@@ -184,24 +187,12 @@ def read_captions_file(path: str, label_names: Sequence[str]) -> tuple[list[str]
 
 
 def _expression_word(name: str) -> str:
-    try:
-        from datamodules.procedural.captions import EXPRESSION_WORDS
-
-        return EXPRESSION_WORDS[name][0]
-    except ImportError:
-        return name
+    return cap.EXPRESSION_WORDS[name][0]
 
 
 def template_caption(label_name: str, aus_canonical: Optional[np.ndarray], rng: np.random.Generator) -> str:
-    """The procedural caption templates (those the embedded generator learns), else the plain label caption."""
+    """The procedural caption templates (those the embedded generator learns)."""
     name = canonical_name(label_name)
-    try:
-        from datamodules.procedural import captions as cap
-        from datamodules.procedural.renderer import AGES, GENDERS
-    except ImportError:
-        from datamodules.datamodule import label_caption
-
-        return label_caption(name)
     if aus_canonical is None:
         return cap.label_caption(name, rng)
 
@@ -224,10 +215,6 @@ def build_specs(num_images: int, label_names: Sequence[str], au_names: Sequence[
     labels = np.repeat(np.arange(len(label_names)), counts)
     # Shuffled once so that every prefix and every rank's shard is close to the class mix.
     labels = labels[np.random.default_rng(np.random.SeedSequence([int(seed), 7])).permutation(len(labels))]
-    try:
-        from datamodules.procedural.aus import AU_NAMES as canonical_aus
-    except ImportError:
-        canonical_aus = ()
     specs = []
     for index, label in enumerate(labels.tolist()):
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 1]))
@@ -236,12 +223,12 @@ def build_specs(num_images: int, label_names: Sequence[str], au_names: Sequence[
         if au_names:
             if au_stats:
                 vec, order = au_stats.sample(name, rng, au_sampling), au_stats.au_names
-            if vec is None and use_emfacs and canonical_aus:
+            if vec is None and use_emfacs:
                 vec, order = emfacs_aus(name, rng)
         aus = reorder_aus(vec, order, au_names) if vec is not None else None
         canon_vec = None
-        if vec is not None and canonical_aus:
-            cv = reorder_aus(vec, order, canonical_aus)
+        if vec is not None:
+            cv = reorder_aus(vec, order, AU_NAMES)
             canon_vec = np.asarray(cv) if cv is not None else None
         if captions is not None:
             free, pinned = captions
