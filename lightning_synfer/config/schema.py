@@ -6,9 +6,10 @@ pipeline, sweeps) keep their own section dataclasses next to their code and are 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Dict, List, Optional
 
+from datamodules.adapters import dataset_roots
 from lightning_synfer.config.generator import GeneratorConfig
 from lightning_synfer.config.labeler import LabelConfig, LabelerConfig
 from lightning_synfer.config.ssl import SSLConfig
@@ -19,17 +20,21 @@ from lightning_synfer.config.sweep import SweepConfig
 
 
 @dataclass
-class PathsConfig:
-    """Dataset and model roots. Environment variables override them in YAML: ${oc.env:VAR,default}."""
+class _RunAndModelPaths:
+    """Run, cache and model roots; experiments/paths/default.yaml lets environment variables override them."""
 
     runs_dir: str = "runs"
     cache_dir: str = ".cache"
-    fer2013: str = "../shared/data/fer2013"
-    rafdb: str = "/data/RAF-DB/basic"
-    affectnet: str = "/data/AffectNet"
-    sfew: str = "/data/SFEW2"
     stable_diffusion: str = "/models/stable-diffusion-v1-5"
-    synthetic: str = "/data/synfer"
+
+
+# Plus one dataset root per `paths.<name>` that a registered dataset format declares (datamodules/adapters:
+# `register_format(..., roots={"rafdb": DatasetRoot("SYNFER_RAFDB", "/data/RAF-DB/basic")})`), defaulting to
+# ${oc.env:<ENV>,<folder>}: a new dataset declares its root in its adapter file, not here.
+PathsConfig = make_dataclass("PathsConfig", [
+    (name, str, field(default=f"${{oc.env:{root.env},{root.default}}}")) for name, root in dataset_roots().items()
+], bases=(_RunAndModelPaths,))
+PathsConfig.__doc__ = "Dataset, run and model roots (`paths.*`); environment variables override each of them."
 
 
 @dataclass

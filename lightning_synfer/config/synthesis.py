@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from datamodules.adapters import FORMATS
+
 
 @dataclass
 class SamplingConfig:
@@ -86,7 +88,7 @@ SYNTHESIS_SECTIONS = {
     "sampling": SamplingConfig, "sg": SemanticGuidanceConfig, "layout": LayoutConfig, "synth": SynthConfig,
     "gen": GenConfig, "judge": JudgeConfig, "real": RealConfig,
 }
-IMAGE_SOURCE_FORMATS = ("images", "folder", "rafdb", "affectnet", "sfew", "synthetic")
+IMAGE_SOURCE_FORMATS = ("images", *FORMATS.names())  # a folder of any images, or a registered dataset format
 
 
 def validate_synthesis(cfg: Any) -> None:
