@@ -1,13 +1,13 @@
-"""The canonical expression label space: one place for class names, aliases and dataset codes.
+"""The canonical expression label space: one place for class names and their aliases.
 
-Every adapter maps its own names or numeric codes onto these indices, so a model trained on one
-dataset can be evaluated on another without remapping by hand.
+Every adapter maps its own names or numeric codes (kept in the adapter, e.g. adapters/rafdb.py) onto these
+indices, so a model trained on one dataset can be evaluated on another without remapping by hand.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 # Index order is the AffectNet order (0-7), which is also the order most papers use.
 CANONICAL_8: tuple[str, ...] = (
@@ -25,16 +25,6 @@ ALIASES: dict[str, str] = {
     "anger": "anger", "angry": "anger",
     "contempt": "contempt", "contemptuous": "contempt",
 }
-
-# Dataset-specific numeric codes -> canonical names.
-RAFDB_CODES: dict[int, str] = {
-    1: "surprise", 2: "fear", 3: "disgust", 4: "happy", 5: "sad", 6: "anger", 7: "neutral",
-}
-AFFECTNET_CODES: dict[int, str] = dict(enumerate(CANONICAL_8))  # 8-10 (none/uncertain/no-face) dropped
-FER2013_CODES: dict[int, str] = {
-    0: "anger", 1: "disgust", 2: "fear", 3: "happy", 4: "sad", 5: "surprise", 6: "neutral",
-}
-
 
 class UnknownLabelError(ValueError):
     """A class name or code that does not map onto the canonical label space."""
@@ -97,7 +87,3 @@ class LabelSpace:
     def remap_from(self, other: "LabelSpace") -> list[int]:
         """For each class of `other`, its index here (-1 where this space lacks it)."""
         return [self.names.index(n) if n in self.names else -1 for n in other.names]
-
-
-def validate_names(names: Iterable[str], *, source: str = "") -> list[str]:
-    return [canonical_name(n, source=source) for n in names]

@@ -26,6 +26,7 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from datamodules.adapters.base import RecordList
 from datamodules.atomic import atomic_write_text
 from datamodules.labels import LabelSpace, UnknownLabelError, canonical_name
 from datamodules.records import SYNTHETIC, Record
@@ -374,9 +375,6 @@ def records_from_manifest(root: str, label_space: LabelSpace, version: Optional[
     Returns a RecordList (a list with `.skipped` messages): records whose class is not in
     `label_space` (contempt in a 7-class run) are skipped and counted there.
     """
-    # Imported here: datamodules.adapters imports this module for its "synthetic" adapter.
-    from datamodules.adapters.folder import RecordList
-
     header, raw_records, images, manifest_file = _read_manifest(root, version)
     source_names = [canonical_name(n) for n in header["label_names"]]
     index_map = [label_space.names.index(n) if n in label_space.names else -1 for n in source_names]

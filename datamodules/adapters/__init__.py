@@ -1,25 +1,23 @@
 """Dataset adapters: turn a dataset folder into a sorted list of `Record`s.
 
 Every adapter has the signature `(root: str, split: str, label_space: LabelSpace) -> RecordList`
-and only lists files (no decoding), so listing tens of thousands of images is fast. Use
-`load_records`, which also checks the root and reports what was skipped.
+and only lists files (no decoding), so listing tens of thousands of images is fast. Each module of this
+package registers its adapter with `@register_format` (base.py); `FORMATS` finds them, and the modules named
+in SYNFER_ADAPTERS, on first use. Use `load_records`, which also checks the root and reports what was skipped.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Optional
+from typing import Optional
 
-from datamodules import synthetic as synthetic_format
-from datamodules.adapters.affectnet import AffectNetLabelError, load_affectnet
-from datamodules.adapters.folder import DatasetLayoutError, RecordList, load_folder
-from datamodules.adapters.rafdb import RafdbLabelError, load_rafdb
-from datamodules.adapters.sfew import load_sfew
+from datamodules.adapters.base import (
+    FORMATS, Adapter, DatasetFormat, DatasetLayoutError, DatasetRoot, RecordList, dataset_roots, register_format,
+)
 from datamodules.labels import LabelSpace
+from datamodules.registry import UnknownNameError
 
 log = logging.getLogger(__name__)
-
-Adapter = Callable[[str, str, LabelSpace], RecordList]
 
 
 class DatasetRootNotFoundError(FileNotFoundError):
@@ -30,24 +28,6 @@ class EmptyDatasetError(ValueError):
     """An adapter found no usable images for the requested split."""
 
 
-def load_synthetic(root: str, split: str, label_space: LabelSpace, version: Optional[int] = None) -> RecordList:
-    """Adapter: a synthetic set (see datamodules.synthetic). Uses `root/<split>/` if that is a
-    synthetic set of its own, else `root` (synthetic sets usually have no splits). `version` picks a
-    manifest version (1 = labels as generated); None takes the newest (e.g. rectified labels)."""
-    split_root = os.path.join(root, split)
-    if os.path.isfile(os.path.join(split_root, synthetic_format.HEADER_FILE)):
-        root = split_root
-    return synthetic_format.records_from_manifest(root, label_space, version)
-
-
-ADAPTERS: dict[str, Adapter] = {
-    "folder": load_folder,
-    "rafdb": load_rafdb,
-    "affectnet": load_affectnet,
-    "sfew": load_sfew,
-    "synthetic": load_synthetic,
-}
-
 # How many skip messages to show in the log before summarising.
 _SHOWN_SKIPS = 5
 
@@ -56,14 +36,14 @@ def load_records(format: str, root: str, split: str, label_space: LabelSpace, *,
                  key: str = "data.?.root", version: Optional[int] = None) -> RecordList:
     """List the records of one dataset split.
 
-    format: one of ADAPTERS; root: dataset folder; split: train / val / test;
+    format: one of FORMATS; root: dataset folder; split: train / val / test;
     key: the config key `root` came from, so errors can say which setting to fix.
     Returns a RecordList; `.skipped` has one message per skipped file/row (non-images, dropped
     AffectNet codes, classes outside the label space, ...).
     """
     fmt = str(format).strip().lower()
-    if fmt not in ADAPTERS:
-        raise ValueError(f"Unknown dataset format '{format}'. Valid formats: {', '.join(sorted(ADAPTERS))}")
+    section = key[:-len(".root")] if key.endswith(".root") else ""  # data.train.root -> data.train
+    adapter = FORMATS.get(fmt, key=f"{section}.format" if section else "format")
     if root is None or not str(root).strip():
         raise ValueError(f"{key} is not set: give the {fmt} dataset folder, e.g. {key}=/path/to/dataset")
     path = os.path.abspath(os.path.expanduser(str(root)))
@@ -72,11 +52,12 @@ def load_records(format: str, root: str, split: str, label_space: LabelSpace, *,
     if not os.path.isdir(path):
         raise DatasetRootNotFoundError(f"{key}={root}: {path} is a file, expected the dataset folder")
 
-    if version is not None and fmt != "synthetic":
-        raise ValueError(f"{key.rsplit('.', 1)[0]}.version={version}: only synthetic sets have manifest versions "
-                         f"(format is {fmt})")
-    records = ADAPTERS[fmt](path, split, label_space, version) if version is not None \
-        else ADAPTERS[fmt](path, split, label_space)
+    if version is not None and not adapter.versioned:
+        versioned = [name for name, f in FORMATS.items() if f.versioned]
+        raise ValueError(f"{section or key}.version={version}: only formats {versioned} have manifest "
+                         f"versions (format is {fmt})")
+    records = adapter.load(path, split, label_space, version) if version is not None \
+        else adapter.load(path, split, label_space)
     if records.skipped:
         shown = "; ".join(records.skipped[:_SHOWN_SKIPS])
         more = f" (and {len(records.skipped) - _SHOWN_SKIPS} more)" if len(records.skipped) > _SHOWN_SKIPS else ""
@@ -93,7 +74,6 @@ def load_records(format: str, root: str, split: str, label_space: LabelSpace, *,
 
 
 __all__ = [
-    "ADAPTERS", "Adapter", "RecordList", "load_records", "load_folder", "load_rafdb", "load_affectnet",
-    "load_sfew", "load_synthetic", "DatasetRootNotFoundError", "DatasetLayoutError", "EmptyDatasetError",
-    "RafdbLabelError", "AffectNetLabelError",
+    "Adapter", "DatasetFormat", "DatasetLayoutError", "DatasetRoot", "DatasetRootNotFoundError", "EmptyDatasetError",
+    "FORMATS", "RecordList", "UnknownNameError", "dataset_roots", "load_records", "register_format",
 ]

@@ -14,9 +14,12 @@ from __future__ import annotations
 import csv
 import os
 
-from datamodules.adapters.folder import DatasetLayoutError, RecordList
-from datamodules.labels import AFFECTNET_CODES, LabelSpace
+from datamodules.adapters.base import DatasetLayoutError, DatasetRoot, RecordList, register_format
+from datamodules.labels import CANONICAL_8, LabelSpace
 from datamodules.records import Record
+
+# AffectNet's expression codes 0-7 are the canonical order; 8-10 (DROPPED_CODES) carry no expression.
+AFFECTNET_CODES: dict[int, str] = dict(enumerate(CANONICAL_8))
 
 SPLIT_FILES = {"train": "training.csv", "val": "validation.csv", "test": "validation.csv"}
 DROPPED_CODES = {8: "none", 9: "uncertain", 10: "no-face"}
@@ -30,6 +33,8 @@ class AffectNetLabelError(ValueError):
     """A malformed AffectNet CSV row; the message names the file, line and value."""
 
 
+@register_format("affectnet", codes=AFFECTNET_CODES,
+                 roots={"affectnet": DatasetRoot("SYNFER_AFFECTNET", "/data/AffectNet")})
 def load_affectnet(root: str, split: str, label_space: LabelSpace) -> RecordList:
     """Adapter: AffectNet. Rows with expression 8-10 are dropped and counted, not errors."""
     key = split.strip().lower()

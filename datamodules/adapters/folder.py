@@ -11,31 +11,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
+from datamodules.adapters.base import DatasetLayoutError, DatasetRoot, RecordList, register_format
 from datamodules.labels import LabelSpace, canonical_name
 from datamodules.records import IMAGE_EXTENSIONS, Record
-
-
-class RecordList(list):
-    """A list of Records that also remembers what was left out and why.
-
-    `skipped` holds one human-readable message per skipped item (file, row or line), so
-    `len(records.skipped)` is the number of items dropped while listing the dataset.
-    """
-
-    def __init__(self, records: Iterable[Record] = (), skipped: Optional[Iterable[str]] = None) -> None:
-        super().__init__(records)
-        self.skipped: list[str] = list(skipped or [])
-
-    def extend_from(self, other: "RecordList") -> None:
-        self.extend(other)
-        self.skipped.extend(getattr(other, "skipped", []))
-
-
-class DatasetLayoutError(ValueError):
-    """The files under a dataset root do not match the layout the adapter expects."""
-
 
 # Folder names that mean "this is a split folder, not a class folder". Lower-case.
 SPLIT_FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
@@ -150,6 +130,8 @@ def records_from_class_folders(class_root: str, label_space: LabelSpace, *, id_p
     return out
 
 
+# The FER2013 image release is a class-folder dataset (the CSV release's numeric codes are not read here).
+@register_format("folder", roots={"fer2013": DatasetRoot("SYNFER_FER2013", "../shared/data/fer2013")})
 def load_folder(root: str, split: str, label_space: LabelSpace) -> RecordList:
     """Adapter: class-per-folder dataset (see module docstring for the layouts)."""
     class_root = class_root_for_split(root, split)

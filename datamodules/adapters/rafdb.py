@@ -5,16 +5,21 @@ Layout:
     root/Image/aligned/train_00001_aligned.jpg   (preferred when present)
     root/Image/original/train_00001.jpg
 
-Codes 1-7 are surprise, fear, disgust, happiness, sadness, anger, neutral (labels.RAFDB_CODES).
+Codes 1-7 are surprise, fear, disgust, happiness, sadness, anger, neutral (RAFDB_CODES).
 RAF-DB has no validation split: "val" and "test" both read the official test_ lines.
 """
 from __future__ import annotations
 
 import os
 
-from datamodules.adapters.folder import DatasetLayoutError, RecordList
-from datamodules.labels import RAFDB_CODES, LabelSpace
+from datamodules.adapters.base import DatasetLayoutError, DatasetRoot, RecordList, register_format
+from datamodules.labels import LabelSpace
 from datamodules.records import Record
+
+# RAF-DB's numeric codes -> canonical names.
+RAFDB_CODES: dict[int, str] = {
+    1: "surprise", 2: "fear", 3: "disgust", 4: "happy", 5: "sad", 6: "anger", 7: "neutral",
+}
 
 # The official file name has the typo "patition"; accept the corrected spelling too.
 LABEL_FILE_NAMES = ("list_patition_label.txt", "list_partition_label.txt")
@@ -53,6 +58,7 @@ def image_file_name(listed_name: str, aligned: bool) -> str:
     return f"{stem}_aligned{ext}"
 
 
+@register_format("rafdb", codes=RAFDB_CODES, roots={"rafdb": DatasetRoot("SYNFER_RAFDB", "/data/RAF-DB/basic")})
 def load_rafdb(root: str, split: str, label_space: LabelSpace) -> RecordList:
     """Adapter: RAF-DB basic. split train -> train_ lines; val/test -> test_ lines."""
     key = split.strip().lower()

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 
-from datamodules.adapters.folder import (
-    DatasetLayoutError, RecordList, find_child_dir, is_image_file, records_from_class_folders,
-)
+from datamodules.adapters.base import DatasetLayoutError, DatasetRoot, RecordList, register_format
+from datamodules.adapters.folder import find_child_dir, is_image_file, records_from_class_folders
 from datamodules.labels import LabelSpace
 
 SPLIT_FOLDERS = {"train": "Train", "val": "Val", "test": "Test"}
 
 
+@register_format("sfew", roots={"sfew": DatasetRoot("SYNFER_SFEW", "/data/SFEW2")})
 def load_sfew(root: str, split: str, label_space: LabelSpace) -> RecordList:
     """Adapter: SFEW 2.0. split train -> Train/, val -> Val/, test -> Test/."""
     key = split.strip().lower()

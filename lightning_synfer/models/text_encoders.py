@@ -219,17 +219,3 @@ def build_text_encoder(gen_cfg: Any, pretrained_path: Optional[str] = None) -> T
         return CLIPTextEncoder.from_folder(pretrained_path, max_length=gen_cfg.text_max_length,
                                            cache_size=gen_cfg.text_cache_size, dtype=dtype)
     raise ValueError(f"generator.text_encoder={kind!r}: expected minilm, clip or tiny")
-
-
-def text_encoder_from_reference(ref: dict[str, Any], folder: Optional[str] = None, cache_size: int = 4096,
-                                dtype: torch.dtype = torch.float32) -> TextEncoder:
-    """Rebuild an encoder from an export's text_encoder.json (tiny: weights in <folder>)."""
-    kind = ref["kind"]
-    if kind == "tiny":
-        return TinyTextEncoder.from_folder(folder, cache_size=cache_size)
-    if kind == "minilm":
-        path = ref.get("path")
-        return MiniLMTextEncoder(ref["max_length"], cache_size, path if path and os.path.isdir(path) else None, dtype)
-    if kind == "clip":
-        return CLIPTextEncoder.from_folder(ref["path"], ref["max_length"], cache_size, dtype)
-    raise ValueError(f"text_encoder.json: unknown kind {kind!r}; expected minilm, clip or tiny")

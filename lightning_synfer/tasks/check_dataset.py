@@ -1,4 +1,4 @@
-"""`python run.py check-dataset DIR [--format auto|synthetic|folder|rafdb|affectnet|sfew] [--split train]`.
+"""`python run.py check-dataset DIR [--format auto|FORMAT] [--split train]`; FORMAT: a registered dataset format.
 
 Verifies a synthetic or real dataset and prints a report; exits 1 on any problem. It checks that every
 record's image exists and decodes, that shapes and label values are valid, that AU vectors have the right
@@ -13,6 +13,8 @@ import os
 from collections import Counter
 from typing import Optional
 
+from datamodules import synthetic as syn
+from datamodules.adapters import FORMATS, load_records
 from datamodules.labels import CANONICAL_8, LabelSpace
 from datamodules.records import BadImageError, load_image
 
@@ -20,8 +22,6 @@ MAX_LISTED = 20
 
 
 def _check_synthetic(root: str, version: Optional[int], problems: list[str], counts: Counter) -> None:
-    from datamodules import synthetic as syn
-
     try:
         header = syn.read_header(root)
     except (syn.ManifestError, FileNotFoundError, ValueError) as exc:
@@ -65,8 +65,6 @@ def _check_synthetic(root: str, version: Optional[int], problems: list[str], cou
 
 
 def _check_real(root: str, fmt: str, split: str, problems: list[str], counts: Counter) -> None:
-    from datamodules.adapters import load_records
-
     try:
         records = load_records(fmt, root, split, LabelSpace(CANONICAL_8), key="DIR")
     except (ValueError, FileNotFoundError) as exc:
@@ -85,7 +83,8 @@ def _check_real(root: str, fmt: str, split: str, problems: list[str], counts: Co
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="run.py check-dataset", description=__doc__.splitlines()[0])
     ap.add_argument("root")
-    ap.add_argument("--format", default="auto", choices=["auto", "synthetic", "folder", "rafdb", "affectnet", "sfew"])
+    ap.add_argument("--format", default="auto", choices=["auto", *FORMATS.names()],
+                    help="auto: synthetic if DIR has dataset.json, else folder")
     ap.add_argument("--split", default="train")
     ap.add_argument("--version", type=int, default=None, help="synthetic manifest version (default newest)")
     args = ap.parse_args(argv)

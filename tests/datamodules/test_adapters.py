@@ -7,9 +7,11 @@ import time
 import pytest
 
 from datamodules.adapters import (
-    ADAPTERS, AffectNetLabelError, DatasetLayoutError, DatasetRootNotFoundError, EmptyDatasetError,
-    RafdbLabelError, RecordList, load_records,
+    FORMATS, DatasetLayoutError, DatasetRootNotFoundError, EmptyDatasetError, RecordList, dataset_roots, load_records,
+    register_format,
 )
+from datamodules.adapters.affectnet import AffectNetLabelError
+from datamodules.adapters.rafdb import RafdbLabelError
 from datamodules.labels import CANONICAL_7, CANONICAL_8, LabelSpace, UnknownLabelError
 from datamodules.records import REAL, SYNTHETIC, load_image
 from tests.fixtures import (
@@ -29,14 +31,29 @@ def labels_by_class(records, space):
 
 # ------------------------------------------------------------------------------------ registry
 
-def test_registry_has_every_format():
-    assert set(ADAPTERS) == {"folder", "rafdb", "affectnet", "sfew", "synthetic"}
+def test_every_adapter_module_registers_its_format_codes_and_roots():
+    # found by discovery: adapters/__init__.py names none of them
+    assert FORMATS.names() == ["affectnet", "folder", "rafdb", "sfew", "synthetic"]
+    assert FORMATS.get("rafdb").codes[4] == "happy" and FORMATS.get("affectnet").codes[7] == "contempt"
+    roots = dataset_roots()
+    assert roots["rafdb"].env == "SYNFER_RAFDB" and roots["rafdb"].default == "/data/RAF-DB/basic"
+    assert set(roots) == {"fer2013", "rafdb", "affectnet", "sfew", "synthetic"}
+    assert [n for n, f in FORMATS.items() if f.versioned] == ["synthetic"]
+
+
+def test_registration_refuses_non_canonical_codes_and_a_second_loader():
+    with pytest.raises(ValueError, match="not canonical"):
+        register_format("odd", codes={1: "bored"})
+    with pytest.raises(ValueError, match="'rafdb' is registered twice"):
+        register_format("rafdb")(lambda root, split, label_space: RecordList())
+    assert "odd" not in FORMATS
 
 
 def test_unknown_format_lists_valid_ones(tmp_path):
     with pytest.raises(ValueError) as exc:
-        load_records("fer2013csv", str(tmp_path), "train", SEVEN)
-    for name in ADAPTERS:
+        load_records("rafbd", str(tmp_path), "train", SEVEN, key="data.train.root")
+    assert "data.train.format='rafbd'" in str(exc.value) and "Did you mean 'rafdb'" in str(exc.value)
+    for name in FORMATS.names():
         assert name in str(exc.value)
 
 
