@@ -113,24 +113,6 @@ def test_sigusr1_under_slurm_saves_hpc_checkpoint_requeues_and_exits_cleanly(tmp
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 16
 
-def test_sigusr1_requeue_is_lightnings_slurm_handler(tiny, monkeypatch):
-    """Under SLURM the Trainer we build keeps Lightning's auto-requeue environment (SIGUSR1 -> hpc checkpoint +
-    scontrol requeue); outside SLURM there is no SIGUSR1 handler at all."""
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    from lightning_synfer.trainer import build_trainer
-
-    cfg = compose("supervised/embedded", tiny())
-    for var in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"):
-        monkeypatch.delenv(var, raising=False)
-    assert not isinstance(build_trainer(cfg, None)._accelerator_connector.cluster_environment, SLURMEnvironment)
-    for var, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "synfer",
-                       "SLURM_JOB_ID": "123", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
-        monkeypatch.setenv(var, value)
-    env = build_trainer(cfg, None)._accelerator_connector.cluster_environment
-    assert isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal == signal.SIGUSR1
-
-
 def test_resume_auto_takes_the_newest_of_last_and_hpc_checkpoints(tiny, tmp_path):
     """After a SLURM SIGUSR1 requeue, Lightning's hpc_ckpt_N.ckpt (in the run dir) may be newer than last.ckpt."""
     cfg = compose("supervised/embedded", tiny("resume=auto"))
