@@ -286,24 +286,57 @@ def _lighting(arr: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarra
     return out
 
 
+@dataclass(frozen=True)
+class _Tones:
+    """The skin of one face and the two darker tones its lines are drawn in."""
+
+    skin: tuple
+    shade: tuple  # creases and outlines
+    deep: tuple  # strong folds
+
+
+@dataclass(frozen=True)
+class _Mouth:
+    """Mouth geometry in the canonical frame: corners, inner and outer lip lines."""
+
+    mx: float
+    mw: float
+    left: tuple  # corners
+    right: tuple
+    upper_inner_y: float
+    lower_inner_y: float
+    lower_t: float
+    upper_in: np.ndarray
+    lower_in: np.ndarray
+    bow: np.ndarray  # outer upper-lip line (cupid's bow)
+    lower_out: np.ndarray
+
+
 def _draw_face(cv: _Canvas, idt: Identity, a: dict, yaw: float, gaze: float, side: float) -> None:
-    skin = idt.skin
-    shade = _mix(skin, (40, 20, 15), 0.22)       # creases and outlines
-    deep = _mix(skin, (30, 12, 10), 0.5)         # strong folds
-    hair = idt.hair_colour
-
-    au1, au2, au4, au5, au6, au7 = a["AU1"], a["AU2"], a["AU4"], a["AU5"], a["AU6"], a["AU7"]
-    au9, au12, au15, au20, au23 = a["AU9"], a["AU12"], a["AU15"], a["AU20"], a["AU23"]
-    au25, au26, au12u = a["AU25"], a["AU26"], a["AU12_unilateral"]
-
+    """Back to front: hair behind the head, neck, head, beard, hair, forehead, brows, eyes, nose, mouth."""
+    tones = _Tones(idt.skin, _mix(idt.skin, (40, 20, 15), 0.22), _mix(idt.skin, (30, 12, 10), 0.5))
     # Head turn: inner features slide sideways, more the further they stick out (nose, mouth).
     dx_eyes, dx_nose = 0.04 * yaw, 0.07 * yaw
-    W = idt.face_width
-    jaw_drop = 0.16 * au26 + 0.03 * au25
-    chin_y = idt.chin_y + jaw_drop
-    cheek_y = 0.0
+    _draw_behind_head(cv, idt, tones)
+    lower = _draw_head(cv, idt, tones, chin_y=idt.chin_y + 0.16 * a["AU26"] + 0.03 * a["AU25"])
+    if idt.beard > 0:  # on the lower face, moves with the jaw
+        beard_pts = lower[lower[:, 1] > 0.18]
+        cheek_line = _through((beard_pts[-1, 0], 0.18), (0.0 + dx_nose, 0.34), (beard_pts[0, 0], 0.18), 7)
+        cv.poly(np.concatenate([beard_pts, cheek_line]), _mix(idt.skin, idt.hair_colour, idt.beard))
+    if idt.hair_style != "bald":  # drawn after the head so it covers the forehead down to the hairline
+        _draw_top_hair(cv, idt)
+    _draw_forehead_lines(cv, idt, a, tones)
+    _draw_brows(cv, idt, a, tones, dx_eyes)
+    _draw_eyes(cv, idt, a, tones, dx_eyes, gaze)
+    nose = _draw_nose(cv, idt, a, tones, dx_nose)
+    mouth = _mouth_shape(idt, a, dx_nose, side)
+    _draw_mouth_folds(cv, idt, a, tones, mouth, nose, side)
+    _draw_lips(cv, idt, tones, mouth)
 
-    # --- behind the head: long/curly hair, neck, shoulders
+
+def _draw_behind_head(cv: _Canvas, idt: Identity, tones: _Tones) -> None:
+    """Long or curly hair behind the head, the neck and the shoulders."""
+    W, hair = idt.face_width, idt.hair_colour
     if idt.hair_style == "long":
         back = _ellipse(0.0, -0.05, W * (1.2 + 0.15 * idt.hair_volume), 1.15, 32)
         back[:, 1] = np.minimum(back[:, 1], 1.1)
@@ -313,52 +346,57 @@ def _draw_face(cv: _Canvas, idt: Identity, a: dict, yaw: float, gaze: float, sid
         bump = 1.0 + 0.06 * np.cos(np.arange(n) * 2 * np.pi * 8 / n)
         back = _CIRCLE[n] * (W * (1.25 + 0.2 * idt.hair_volume), 0.95) * bump[:, None] + (0.0, -0.3)
         cv.poly(back, hair)
-    cv.poly(np.array([[-0.3 * W, 0.3], [0.3 * W, 0.3], [0.36 * W, 1.2], [-0.36 * W, 1.2]]), shade)
+    cv.poly(np.array([[-0.3 * W, 0.3], [0.3 * W, 0.3], [0.36 * W, 1.2], [-0.36 * W, 1.2]]), tones.shade)
     cv.poly(_ellipse(0.0, 1.42, 1.3, 0.45, 20), idt.shirt)
 
-    # --- ears and head outline (upper half ellipse, lower half tapering to the chin)
+
+def _draw_head(cv: _Canvas, idt: Identity, tones: _Tones, chin_y: float) -> np.ndarray:
+    """Ears and head outline (upper half ellipse, lower half tapering to the chin, which AU25/AU26 lower).
+    Returns the lower outline, where a beard goes."""
+    W, cheek_y = idt.face_width, 0.0
     for s in (-1.0, 1.0):
-        cv.poly(_ellipse(s * W * 0.98, -0.08, 0.09, 0.16, 12), shade)
+        cv.poly(_ellipse(s * W * 0.98, -0.08, 0.09, 0.16, 12), tones.shade)
     up = _UPPER_ANGLES
     top = np.stack([W * np.cos(up), cheek_y - (cheek_y + 1.05) * np.sin(up)], 1)
     down = _LOWER_ANGLES
     half = np.stack([W * np.cos(down) ** idt.jaw_power, cheek_y + (chin_y - cheek_y) * np.sin(down)], 1)
     lower = np.concatenate([half, half[-2::-1] * (-1.0, 1.0)])
-    head = np.concatenate([top, lower])
-    cv.poly(head, skin)
+    cv.poly(np.concatenate([top, lower]), tones.skin)
+    return lower
 
-    # --- beard / stubble on the lower face, moves with the jaw
-    if idt.beard > 0:
-        beard_pts = lower[lower[:, 1] > 0.18]
-        cheek_line = _through((beard_pts[-1, 0], 0.18), (0.0 + dx_nose, 0.34), (beard_pts[0, 0], 0.18), 7)
-        cv.poly(np.concatenate([beard_pts, cheek_line]), _mix(skin, hair, idt.beard))
 
-    # --- hair on top (drawn after the head so it covers the forehead down to the hairline)
-    if idt.hair_style != "bald":
-        vol = idt.hair_volume
-        rx, top_y = W * (1.04 + 0.08 * vol), -1.05 - 0.12 * vol
-        arc = np.stack([rx * np.cos(up), -0.25 - (top_y + 0.25) * -np.sin(up)], 1)
-        hl = idt.hairline_y
-        if idt.hair_style == "side_part":
-            line = _through((rx, -0.25), (0.25 * W, hl - 0.04), (-rx, -0.3), 9)
-        elif idt.hair_style == "bangs":
-            line = _through((rx, -0.3), (0.0, hl + 0.08), (-rx, -0.3), 13)
-            line[1:-1:2, 1] -= 0.05  # a jagged fringe
-        else:
-            line = _through((rx, -0.28), (0.0, hl), (-rx, -0.28), 9)
-        cv.poly(np.concatenate([arc, line]), hair)
+def _draw_top_hair(cv: _Canvas, idt: Identity) -> None:
+    """Hair on top of the head, down to the hairline of the identity's style."""
+    vol, W, up = idt.hair_volume, idt.face_width, _UPPER_ANGLES
+    rx, top_y = W * (1.04 + 0.08 * vol), -1.05 - 0.12 * vol
+    arc = np.stack([rx * np.cos(up), -0.25 - (top_y + 0.25) * -np.sin(up)], 1)
+    hl = idt.hairline_y
+    if idt.hair_style == "side_part":
+        line = _through((rx, -0.25), (0.25 * W, hl - 0.04), (-rx, -0.3), 9)
+    elif idt.hair_style == "bangs":
+        line = _through((rx, -0.3), (0.0, hl + 0.08), (-rx, -0.3), 13)
+        line[1:-1:2, 1] -= 0.05  # a jagged fringe
+    else:
+        line = _through((rx, -0.28), (0.0, hl), (-rx, -0.28), 9)
+    cv.poly(np.concatenate([arc, line]), idt.hair_colour)
 
-    # --- forehead lines: AU1 (centre) and AU2 (wider), plus resting wrinkles with age
+
+def _draw_forehead_lines(cv: _Canvas, idt: Identity, a: dict, tones: _Tones) -> None:
+    """AU1 (centre) and AU2 (wider) raise forehead lines; older faces have them at rest."""
+    au1, au2 = a["AU1"], a["AU2"]
     fl = max(au1, au2) + 0.5 * idt.wrinkles
     if fl > 0.15:
         reach = 0.12 + 0.2 * (au2 / (au1 + au2 + 1e-6)) + 0.1 * idt.wrinkles
-        colour = _mix(skin, deep, min(1.0, 0.5 * fl + 0.2))
+        colour = _mix(tones.skin, tones.deep, min(1.0, 0.5 * fl + 0.2))
         for k in range(2 if fl < 0.55 else 3):
             y = -0.44 - 0.07 * k
             line = _through((-reach, y + 0.015), (0.0, y - 0.02), (reach, y + 0.015), 7)
             cv.stroke(line, 0.006 + 0.004 * fl, colour)
 
-    # --- brows
+
+def _draw_brows(cv: _Canvas, idt: Identity, a: dict, tones: _Tones, dx_eyes: float) -> None:
+    """AU1 lifts the inner ends, AU2 the outer ends, AU4 lowers and knits them (with furrows between)."""
+    au1, au2, au4 = a["AU1"], a["AU2"], a["AU4"]
     base_y = -0.12 - idt.brow_gap
     for s in (-1.0, 1.0):
         ex = s * idt.eye_spacing + dx_eyes
@@ -371,13 +409,16 @@ def _draw_face(cv: _Canvas, idt: Identity, a: dict, yaw: float, gaze: float, sid
         taper = idt.brow_thickness * (1.0 + 0.2 * au4) * _BROW_TAPER
         cv.stroke(pts, taper, idt.brow_colour)
     if au4 > 0.1:  # vertical furrows between the knitted brows
-        colour = _mix(skin, deep, min(1.0, 0.2 + 0.5 * au4))
+        colour = _mix(tones.skin, tones.deep, min(1.0, 0.2 + 0.5 * au4))
         for s in (-1.0, 1.0):
             x = s * 0.05 + dx_eyes
             cv.stroke(np.array([[x, base_y + 0.04], [x - s * 0.006, base_y + 0.08], [x - s * 0.01, base_y + 0.12]]),
                       0.003 + 0.003 * au4, colour)
 
-    # --- eyes
+
+def _draw_eyes(cv: _Canvas, idt: Identity, a: dict, tones: _Tones, dx_eyes: float, gaze: float) -> None:
+    """Both eyes: AU5 widens the opening, AU6 (cheek raiser) and AU7 (lid tightener) narrow it."""
+    au5, au6, au7 = a["AU5"], a["AU6"], a["AU7"]
     up_h = idt.eye_open * (1.0 + 1.0 * au5 - 0.4 * au7 - 0.35 * au6)
     low_h = idt.eye_open * 0.6 * (1.0 + 0.3 * au5 - 0.7 * au6 - 0.6 * au7)
     up_h, low_h = max(up_h, 0.012), max(low_h, 0.006)
@@ -390,58 +431,78 @@ def _draw_face(cv: _Canvas, idt: Identity, a: dict, yaw: float, gaze: float, sid
         lower_lid = _through(outer, (ex, ey + low_h), inner, 9)
         # lid crease and under-eye bag above/below the opening
         crease = upper + (0.0, -0.025 - 0.2 * up_h * (1.0 - 0.8 * au5))
-        cv.stroke(crease[1:-1], 0.005, shade)
+        cv.stroke(crease[1:-1], 0.005, tones.shade)
         cv.poly(np.concatenate([upper, lower_lid]), (236, 234, 228))
-        # iris clipped to the opening: clamp a circle's y between the lid curves at the same x
-        ix = ex + gaze * w * 0.4
-        iris = _ellipse(ix, ey + 0.005, w * 0.48, w * 0.48, 20)
-        lo_x, hi_x = min(inner[0], outer[0]), max(inner[0], outer[0])
-        iris[:, 0] = np.clip(iris[:, 0], lo_x, hi_x)
-        iris[:, 1] = np.clip(iris[:, 1], np.interp(iris[:, 0], *_sorted_xy(upper)),
-                             np.interp(iris[:, 0], *_sorted_xy(lower_lid)))
-        cv.poly(iris, idt.iris)
-        pupil = _ellipse(ix, ey + 0.005, w * 0.22, w * 0.22, 12)
-        pupil[:, 1] = np.clip(pupil[:, 1], np.interp(pupil[:, 0], *_sorted_xy(upper)),
-                              np.interp(pupil[:, 0], *_sorted_xy(lower_lid)))
-        cv.poly(pupil, (15, 12, 12))
+        _draw_iris_and_pupil(cv, idt, ex + gaze * w * 0.4, ey + 0.005, inner, outer, upper, lower_lid)
         # lash line on the upper lid, thin line on the lower lid
         cv.stroke(upper, _LASH_TAPER, (25, 18, 16))  # thicker towards the outer corner
-        cv.stroke(lower_lid, 0.005 + 0.004 * au7, _mix(skin, deep, 0.6))
-        # AU6: cheek bulge under the eye and crow's feet at the outer corner
+        cv.stroke(lower_lid, 0.005 + 0.004 * au7, _mix(tones.skin, tones.deep, 0.6))
         if au6 > 0.1:
-            colour = _mix(skin, deep, min(1.0, 0.25 + 0.6 * au6))
-            bag = _through((ex - s * w * 0.7, ey + low_h + 0.03), (ex, ey + low_h + 0.06 - 0.02 * au6),
-                           (ex + s * w * 0.9, ey + low_h + 0.01), 7)
-            cv.stroke(bag, 0.006 + 0.004 * au6, colour)
-            ox, oy = outer
-            for k, dy in enumerate((-0.03, 0.0, 0.035)):
-                cv.stroke(np.array([[ox + s * 0.02, oy + dy * 0.4], [ox + s * (0.07 + 0.01 * k), oy + dy]]),
-                          0.004 + 0.003 * au6, colour)
+            _draw_cheek_raise(cv, tones, au6, s, ex, ey + low_h, w, outer)
         if au7 > 0.3:  # tensed lower lid
-            cv.stroke(lower_lid + (0.0, 0.02), 0.004 + 0.003 * au7, _mix(skin, shade, au7))
+            cv.stroke(lower_lid + (0.0, 0.02), 0.004 + 0.003 * au7, _mix(tones.skin, tones.shade, au7))
 
-    # --- nose (AU9 wrinkles the bridge, lifts and flares the wings)
+
+def _draw_iris_and_pupil(cv: _Canvas, idt: Identity, ix: float, iy: float, inner: tuple, outer: tuple,
+                         upper: np.ndarray, lower_lid: np.ndarray) -> None:
+    """Iris and pupil clipped to the opening: a circle's y clamped between the lid curves at the same x."""
+    w = idt.eye_width
+    iris = _ellipse(ix, iy, w * 0.48, w * 0.48, 20)
+    lo_x, hi_x = min(inner[0], outer[0]), max(inner[0], outer[0])
+    iris[:, 0] = np.clip(iris[:, 0], lo_x, hi_x)
+    iris[:, 1] = np.clip(iris[:, 1], np.interp(iris[:, 0], *_sorted_xy(upper)),
+                         np.interp(iris[:, 0], *_sorted_xy(lower_lid)))
+    cv.poly(iris, idt.iris)
+    pupil = _ellipse(ix, iy, w * 0.22, w * 0.22, 12)
+    pupil[:, 1] = np.clip(pupil[:, 1], np.interp(pupil[:, 0], *_sorted_xy(upper)),
+                          np.interp(pupil[:, 0], *_sorted_xy(lower_lid)))
+    cv.poly(pupil, (15, 12, 12))
+
+
+def _draw_cheek_raise(cv: _Canvas, tones: _Tones, au6: float, s: float, ex: float, lid_y: float, w: float,
+                      outer: tuple) -> None:
+    """AU6 on one eye (side s): the cheek bulge under the lower lid (at lid_y) and crow's feet at the outer corner."""
+    colour = _mix(tones.skin, tones.deep, min(1.0, 0.25 + 0.6 * au6))
+    bag = _through((ex - s * w * 0.7, lid_y + 0.03), (ex, lid_y + 0.06 - 0.02 * au6),
+                   (ex + s * w * 0.9, lid_y + 0.01), 7)
+    cv.stroke(bag, 0.006 + 0.004 * au6, colour)
+    ox, oy = outer
+    for k, dy in enumerate((-0.03, 0.0, 0.035)):
+        cv.stroke(np.array([[ox + s * 0.02, oy + dy * 0.4], [ox + s * (0.07 + 0.01 * k), oy + dy]]),
+                  0.004 + 0.003 * au6, colour)
+
+
+def _draw_nose(cv: _Canvas, idt: Identity, a: dict, tones: _Tones, dx_nose: float) -> tuple[float, float, float]:
+    """Bridge, wings and nostrils; AU9 wrinkles the bridge, lifts and flares the wings. Returns (x, y, half width)."""
+    au9 = a["AU9"]
     nx, ny = dx_nose, idt.nose_y - 0.03 * au9
     nw = idt.nose_width * (1.0 + 0.18 * au9)
-    cv.stroke(_through((nx - 0.04, -0.08), (nx - 0.05, 0.02), (nx - 0.055, ny - 0.03), 7), 0.006, shade)
-    cv.stroke(_through((nx - nw, ny - 0.02), (nx - nw * 0.9, ny + 0.035), (nx - 0.02, ny + 0.03), 7), 0.008, deep)
-    cv.stroke(_through((nx + nw, ny - 0.02), (nx + nw * 0.9, ny + 0.035), (nx + 0.02, ny + 0.03), 7), 0.008, deep)
+    cv.stroke(_through((nx - 0.04, -0.08), (nx - 0.05, 0.02), (nx - 0.055, ny - 0.03), 7), 0.006, tones.shade)
+    cv.stroke(_through((nx - nw, ny - 0.02), (nx - nw * 0.9, ny + 0.035), (nx - 0.02, ny + 0.03), 7), 0.008,
+              tones.deep)
+    cv.stroke(_through((nx + nw, ny - 0.02), (nx + nw * 0.9, ny + 0.035), (nx + 0.02, ny + 0.03), 7), 0.008,
+              tones.deep)
     for s in (-1.0, 1.0):
         cv.poly(_ellipse(nx + s * nw * 0.45, ny + 0.025, 0.028, 0.014, 12), (50, 28, 25))
     if au9 > 0.1:
-        colour = _mix(skin, deep, min(1.0, 0.3 + 0.7 * au9))
+        colour = _mix(tones.skin, tones.deep, min(1.0, 0.3 + 0.7 * au9))
         for k in range(3):
             y = -0.06 + 0.035 * k
             wrinkle = _through((nx - 0.05, y + 0.01), (nx, y - 0.01), (nx + 0.05, y + 0.01), 5)
             cv.stroke(wrinkle, 0.005 + 0.004 * au9, colour)
+    return nx, ny, nw
 
-    # --- mouth geometry
+
+def _mouth_shape(idt: Identity, a: dict, dx_nose: float, side: float) -> _Mouth:
+    """AU12 raises and widens the corners (AU12_unilateral one of them, on `side`), AU15 lowers them, AU20
+    stretches, AU23 tightens and thins the lips, AU25/AU26 part them, AU9 lifts the middle of the upper lip."""
+    au9, au12, au15, au20, au23 = a["AU9"], a["AU12"], a["AU15"], a["AU20"], a["AU23"]
+    au25, au26, au12u = a["AU25"], a["AU26"], a["AU12_unilateral"]
     mx, my = dx_nose * 0.8, idt.mouth_y
     mw = idt.mouth_width * (1.0 + 0.35 * au20 + 0.22 * au12 - 0.18 * au23 - 0.05 * au15 - 0.12 * au26)
     corner_dy = -0.10 * au12 + 0.09 * au15 + 0.02 * au20
     left_dy = right_dy = corner_dy
     left_w = right_w = mw
-    # AU12_unilateral: one corner up and out (the side is random per image)
     if side > 0:
         right_dy -= 0.13 * au12u
         right_w += 0.05 * au12u
@@ -453,11 +514,9 @@ def _draw_face(cv: _Canvas, idt: Identity, a: dict, yaw: float, gaze: float, sid
     opening = 0.05 * au25 + 0.2 * au26 + 0.03 * au9 * (1.0 - au26)
     upper_t = idt.lip_thickness * (1.0 - 0.65 * au23 - 0.3 * au20)
     lower_t = idt.lip_thickness * 1.3 * (1.0 - 0.6 * au23 - 0.3 * au20)
-    # AU9 lifts the middle of the upper lip; AU12 keeps the centre while corners rise (a curve)
+    # AU12 keeps the centre while corners rise (a curve)
     upper_inner_y = my - 0.15 * opening - 0.03 * au9
     lower_inner_y = my + 0.85 * opening
-    upper_in = _through(L, (mx, upper_inner_y), R, 9)
-    lower_in = _through(L, (mx, lower_inner_y), R, 9)
     # cupid's bow: two peaks and a dip on the outer upper-lip line
     top_y = upper_inner_y - upper_t
     bow = np.concatenate([
@@ -465,41 +524,52 @@ def _draw_face(cv: _Canvas, idt: Identity, a: dict, yaw: float, gaze: float, sid
         [(mx, top_y)],
         _through((mx + 0.25 * mw, top_y - 0.012), (mx + 0.55 * mw, top_y - 0.006), R, 7),
     ])
-    lower_out = _through(R, (mx, lower_inner_y + lower_t), L, 9)
+    return _Mouth(mx=mx, mw=mw, left=L, right=R, upper_inner_y=upper_inner_y, lower_inner_y=lower_inner_y,
+                  lower_t=lower_t, upper_in=_through(L, (mx, upper_inner_y), R, 9),
+                  lower_in=_through(L, (mx, lower_inner_y), R, 9), bow=bow,
+                  lower_out=_through(R, (mx, lower_inner_y + lower_t), L, 9))
 
-    # nasolabial folds from the nose wings past the mouth corners, deeper when smiling/sneering
-    for s, corner in ((-1.0, L), (1.0, R)):
+
+def _draw_mouth_folds(cv: _Canvas, idt: Identity, a: dict, tones: _Tones, mouth: _Mouth,
+                      nose: tuple[float, float, float], side: float) -> None:
+    """Nasolabial folds from the nose wings past the mouth corners, deeper when smiling (AU12, AU6) or sneering
+    (AU9); the dimple of a one-sided smile; AU15's lines pulling down from the corners."""
+    au12, au15, au12u = a["AU12"], a["AU15"], a["AU12_unilateral"]
+    nx, ny, nw = nose
+    for s, corner in ((-1.0, mouth.left), (1.0, mouth.right)):
         smirk = au12u if s == side else 0.0
-        strength = min(1.0, 0.15 + idt.wrinkles + 0.7 * max(au12, 0.8 * au9, 0.5 * au6, 0.8 * smirk))
+        strength = min(1.0, 0.15 + idt.wrinkles + 0.7 * max(au12, 0.8 * a["AU9"], 0.5 * a["AU6"], 0.8 * smirk))
         if strength >= 0.25:
             start = (nx + s * (nw + 0.02), ny - 0.01)
             end = (corner[0] + s * 0.06, corner[1] + 0.06)
             mid = (0.5 * (start[0] + end[0]) + s * 0.05, 0.5 * (start[1] + end[1]))
-            cv.stroke(_through(start, mid, end, 9), 0.005 + 0.006 * strength, _mix(skin, deep, strength))
+            cv.stroke(_through(start, mid, end, 9), 0.005 + 0.006 * strength, _mix(tones.skin, tones.deep, strength))
         if smirk > 0.2:  # the dimple that a one-sided pull digs next to the raised corner
             dimple = _through((corner[0] + s * 0.015, corner[1] - 0.03), (corner[0] + s * 0.035, corner[1]),
                               (corner[0] + s * 0.015, corner[1] + 0.03), 5)
-            cv.stroke(dimple, 0.004 + 0.004 * smirk, _mix(skin, deep, min(1.0, 0.3 + 0.6 * smirk)))
+            cv.stroke(dimple, 0.004 + 0.004 * smirk, _mix(tones.skin, tones.deep, min(1.0, 0.3 + 0.6 * smirk)))
     if au15 > 0.2:  # lines pulling down from the corners
-        colour = _mix(skin, deep, min(1.0, 0.2 + 0.6 * au15))
-        for s, corner in ((-1.0, L), (1.0, R)):
+        colour = _mix(tones.skin, tones.deep, min(1.0, 0.2 + 0.6 * au15))
+        for s, corner in ((-1.0, mouth.left), (1.0, mouth.right)):
             cv.stroke(np.array([[corner[0] - s * 0.005, corner[1] + 0.02], [corner[0] + s * 0.02, corner[1] + 0.09]]),
                       0.005 + 0.004 * au15, colour)
 
-    # --- lips, mouth interior and teeth
-    cv.poly(np.concatenate([bow, lower_out]), idt.lip_colour)
-    if lower_inner_y - upper_inner_y > 0.012:
-        interior = np.concatenate([upper_in, lower_in[::-1]])
-        cv.poly(interior, (70, 22, 28))
-        teeth_h = min(0.04, 0.6 * (lower_inner_y - upper_inner_y))
-        teeth = np.concatenate([upper_in[1:-1], (upper_in[-2:0:-1] + (0.0, teeth_h))])
-        teeth[:, 1] = np.minimum(teeth[:, 1], np.concatenate([lower_in[1:-1, 1], lower_in[-2:0:-1, 1]]))
+
+def _draw_lips(cv: _Canvas, idt: Identity, tones: _Tones, mouth: _Mouth) -> None:
+    """Lips; when parted, the mouth interior and the upper teeth; the chin shadow under the lower lip."""
+    m = mouth
+    cv.poly(np.concatenate([m.bow, m.lower_out]), idt.lip_colour)
+    if m.lower_inner_y - m.upper_inner_y > 0.012:
+        cv.poly(np.concatenate([m.upper_in, m.lower_in[::-1]]), (70, 22, 28))
+        teeth_h = min(0.04, 0.6 * (m.lower_inner_y - m.upper_inner_y))
+        teeth = np.concatenate([m.upper_in[1:-1], (m.upper_in[-2:0:-1] + (0.0, teeth_h))])
+        teeth[:, 1] = np.minimum(teeth[:, 1], np.concatenate([m.lower_in[1:-1, 1], m.lower_in[-2:0:-1, 1]]))
         cv.poly(teeth, (232, 228, 215))
     else:
-        cv.stroke(upper_in, 0.009, _mix(idt.lip_colour, (40, 10, 10), 0.6))
-    # chin shadow under the lower lip
-    cv.stroke(_through((mx - 0.08, lower_inner_y + lower_t + 0.06), (mx, lower_inner_y + lower_t + 0.045),
-                       (mx + 0.08, lower_inner_y + lower_t + 0.06), 5), 0.006, shade)
+        cv.stroke(m.upper_in, 0.009, _mix(idt.lip_colour, (40, 10, 10), 0.6))
+    chin_y = m.lower_inner_y + m.lower_t
+    cv.stroke(_through((m.mx - 0.08, chin_y + 0.06), (m.mx, chin_y + 0.045), (m.mx + 0.08, chin_y + 0.06), 5), 0.006,
+              tones.shade)
 
 
 def _sorted_xy(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
