@@ -218,7 +218,7 @@ def test_pretrained_path_loads_local_weights_into_1_and_3_channel_backbones(tiny
 
 def test_fit_fast_dev_run_on_rgb_with_pretrained_weights_and_mixup_cutmix(tiny, timm_weights, monkeypatch):
     """data.channels=3 end to end: RGB batches, the local weights and timm's mean/std in the module and the loader,
-    Mixup and CutMix both on (timm switches between them)."""
+    Mixup and CutMix both on (BatchMix switches between them)."""
     path, saved = timm_weights
     trainers = []
     real_build = fit.build_trainer
