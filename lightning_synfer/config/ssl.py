@@ -2,14 +2,23 @@
 
 Online evaluation runs during pre-training (a stop-gradient linear probe and a weighted kNN on real val
 data); offline evaluation is `python run.py linear|finetune|knn ckpt=...` on a probe experiment.
-Method defaults below are MoCo v3's; every experiment in experiments/ssl/ sets its method's values.
+Each method's own settings are a dataclass beside its class (lightning_synfer/modules/ssl/<method>.py), set
+under `ssl.methods.<method>` and checked here against the method registry (`ssl.methods.dino.teacher_temp`).
+Every experiment in experiments/ssl/ sets its method's values.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
-METHOD_NAMES = ("mocov3", "simclr", "byol", "dino")
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from datamodules.registry import UnknownNameError
+from lightning_synfer.config.errors import ConfigError, check
+from lightning_synfer.modules.ssl import METHODS
 
 
 @dataclass
@@ -70,59 +79,87 @@ class SSLProbeConfig:
 
 @dataclass
 class SSLConfig:
-    method: str = "mocov3"  # mocov3 | simclr | byol | dino
-    proj_hidden_dim: int = 4096
-    proj_output_dim: int = 256
-    pred_hidden_dim: int = 4096  # mocov3, byol
-    temperature: float = 0.2  # mocov3 (ctr loss), simclr (NT-Xent)
-    momentum_start: float = 0.99  # EMA teacher tau, cosine-increased to momentum_end (mocov3, byol, dino)
+    method: str = "mocov3"  # a registered method (lightning_synfer.modules.ssl.METHODS): mocov3, simclr, byol, dino
+    # Each method's own settings, by method name: ssl.methods.dino.teacher_temp. Checked against the method's
+    # settings dataclass (a misspelt key fails with the closest one); sections of other methods may stay, so
+    # ssl.method can be switched on the command line.
+    methods: Dict[str, Any] = field(default_factory=dict)
+    proj_hidden_dim: int = 4096  # the projection head (every method)
+    proj_output_dim: int = 256  # mocov3, simclr, byol
+    pred_hidden_dim: int = 4096  # the predictor (mocov3, byol)
+    momentum_start: float = 0.99  # EMA teacher tau, cosine-increased to momentum_end (momentum methods)
     momentum_end: float = 1.0
-    # dino
-    dino_bottleneck_dim: int = 256
-    dino_output_dim: int = 65536
-    dino_batch_norm: bool = False  # BN in the DINO head (ResNet backbones in the DINO paper use it)
-    dino_norm_last_layer: bool = True
-    dino_freeze_last_layer_epochs: int = 1
-    dino_student_temp: float = 0.1
-    dino_teacher_temp: float = 0.04
-    dino_warmup_teacher_temp: float = 0.04
-    dino_warmup_teacher_temp_epochs: int = 0
-    dino_center_momentum: float = 0.9
     aug: SSLAugConfig = field(default_factory=SSLAugConfig)
     online: SSLOnlineConfig = field(default_factory=SSLOnlineConfig)
     knn: SSLKNNConfig = field(default_factory=SSLKNNConfig)
     probe: SSLProbeConfig = field(default_factory=SSLProbeConfig)
 
 
+def method_settings(name: str, values: Optional[Mapping[str, Any]] = None, *, name_key: str = "ssl.method") -> Any:
+    """The settings dataclass of SSL method `name` filled from `values` (ssl.methods.<name>), type- and
+    range-checked. A misspelt key fails naming the closest valid one; `name_key` is where `name` came from."""
+    key = f"ssl.methods.{name}"
+    try:
+        entry = METHODS.get(name, key=name_key)
+    except UnknownNameError as exc:
+        raise ConfigError(str(exc)) from None
+    check(values is None or isinstance(values, Mapping), key, values, "a mapping of the method's settings")
+    values = dict(values or {})
+    valid = [f.name for f in dataclasses.fields(entry.settings)]
+    for item in values:
+        if item not in valid:
+            close = difflib.get_close_matches(str(item), valid, n=1, cutoff=0.5)
+            hint = f" Did you mean {key}.{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key '{key}.{item}': not a setting of the {name} method "
+                              f"({entry.settings.__name__}).{hint} Its settings: {', '.join(valid) or 'none'}.")
+    try:
+        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.settings), values))
+    except OmegaConfBaseException as exc:
+        item = getattr(exc, "full_key", "") or getattr(exc, "key", "")
+        raise ConfigError(f"config key '{key}.{item}' = {getattr(exc, 'value', None)!r}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if hasattr(settings, "validate"):
+        settings.validate(key)
+    return settings
+
+
 def validate_ssl(cfg) -> None:
     """Range checks for the `ssl` section (appended to compose.VALIDATORS)."""
-    from lightning_synfer.config.compose import _check
-
     s = cfg.get("ssl")
     if s is None:
         return
-    _check(s.method in METHOD_NAMES, "ssl.method", s.method, f"one of {', '.join(METHOD_NAMES)}")
-    _check(s.temperature > 0, "ssl.temperature", s.temperature, "a value > 0")
-    _check(0.0 <= s.momentum_start <= s.momentum_end <= 1.0, "ssl.momentum_start/momentum_end",
-           (s.momentum_start, s.momentum_end), "0 <= momentum_start <= momentum_end <= 1")
-    _check(s.knn.k >= 1, "ssl.knn.k", s.knn.k, "at least 1 neighbour")
-    _check(s.knn.temperature > 0, "ssl.knn.temperature", s.knn.temperature, "a value > 0")
-    _check(s.online.probe_domains in ("all", "real"), "ssl.online.probe_domains", s.online.probe_domains,
-           "all or real")
-    _check(s.online.knn_bank_size >= 0, "ssl.online.knn_bank_size", s.online.knn_bank_size, ">= 0 (0 = all)")
+    check(0.0 <= s.momentum_start <= s.momentum_end <= 1.0, "ssl.momentum_start/momentum_end",
+          (s.momentum_start, s.momentum_end), "0 <= momentum_start <= momentum_end <= 1")
+    check(s.knn.k >= 1, "ssl.knn.k", s.knn.k, "at least 1 neighbour")
+    check(s.knn.temperature > 0, "ssl.knn.temperature", s.knn.temperature, "a value > 0")
+    check(s.online.probe_domains in ("all", "real"), "ssl.online.probe_domains", s.online.probe_domains,
+          "all or real")
+    check(s.online.knn_bank_size >= 0, "ssl.online.knn_bank_size", s.online.knn_bank_size, ">= 0 (0 = all)")
     a = s.aug
-    _check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1, "ssl.aug.crop_scale",
-           list(a.crop_scale), "[min, max] with 0 < min <= max <= 1")
-    _check(len(a.local_crop_scale) == 2 and 0 < a.local_crop_scale[0] <= a.local_crop_scale[1] <= 1,
-           "ssl.aug.local_crop_scale", list(a.local_crop_scale), "[min, max] with 0 < min <= max <= 1")
+    check(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1, "ssl.aug.crop_scale",
+          list(a.crop_scale), "[min, max] with 0 < min <= max <= 1")
+    check(len(a.local_crop_scale) == 2 and 0 < a.local_crop_scale[0] <= a.local_crop_scale[1] <= 1,
+          "ssl.aug.local_crop_scale", list(a.local_crop_scale), "[min, max] with 0 < min <= max <= 1")
     for key in ("blur_prob", "solarize_prob"):
         val = list(a[key])
-        _check(len(val) == 2 and all(0 <= p <= 1 for p in val), f"ssl.aug.{key}", val,
-               "two probabilities in [0, 1], one per global view")
-    _check(a.local_crops >= 0, "ssl.aug.local_crops", a.local_crops, ">= 0")
-    _check(0 <= a.rotation <= 180, "ssl.aug.rotation", a.rotation, "degrees in [0, 180]")
-    _check(a.noise_std >= 0, "ssl.aug.noise_std", a.noise_std, ">= 0 (a standard deviation on [0, 1] pixels)")
-    _check(0 <= a.light_gradient <= 1, "ssl.aug.light_gradient", a.light_gradient, "a strength in [0, 1]")
-    if a.local_crops:
-        _check(s.method == "dino", "ssl.aug.local_crops", a.local_crops, "0 unless ssl.method=dino (multi-crop)")
-    _check(s.probe.backbone_lr_ratio >= 0, "ssl.probe.backbone_lr_ratio", s.probe.backbone_lr_ratio, ">= 0")
+        check(len(val) == 2 and all(0 <= p <= 1 for p in val), f"ssl.aug.{key}", val,
+              "two probabilities in [0, 1], one per global view")
+    check(a.local_crops >= 0, "ssl.aug.local_crops", a.local_crops, ">= 0")
+    check(0 <= a.rotation <= 180, "ssl.aug.rotation", a.rotation, "degrees in [0, 180]")
+    check(a.noise_std >= 0, "ssl.aug.noise_std", a.noise_std, ">= 0 (a standard deviation on [0, 1] pixels)")
+    check(0 <= a.light_gradient <= 1, "ssl.aug.light_gradient", a.light_gradient, "a strength in [0, 1]")
+    check(s.probe.backbone_lr_ratio >= 0, "ssl.probe.backbone_lr_ratio", s.probe.backbone_lr_ratio, ">= 0")
+    if cfg.get("task") == "ssl":  # only here: reading the methods imports them (torch, lightly)
+        _validate_methods(s)
+
+
+def _validate_methods(s) -> None:
+    """The method, the settings of every ssl.methods section, and the method's use of local crops."""
+    check(s.method in METHODS, "ssl.method", s.method, f"a registered SSL method ({', '.join(METHODS.names())})")
+    method_settings(s.method, s.methods.get(s.method))
+    for name, values in s.methods.items():
+        method_settings(name, values, name_key="ssl.methods")
+    if s.aug.local_crops:
+        multi_crop = [name for name, m in METHODS.items() if m.cls.uses_local_crops]
+        check(METHODS.get(s.method).cls.uses_local_crops, "ssl.aug.local_crops", s.aug.local_crops,
+              f"0 unless ssl.method uses local crops ({', '.join(multi_crop)})")

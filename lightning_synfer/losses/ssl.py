@@ -21,7 +21,7 @@ class MoCoV3Loss(nn.Module):
     def __init__(self, temperature: float = 0.2, gather_distributed: bool = True) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"ssl.temperature={temperature}: expected a value > 0")
+            raise ValueError(f"MoCoV3Loss: temperature={temperature}, expected a value > 0")
         self.temperature = temperature
         self.gather_distributed = gather_distributed
 

@@ -5,7 +5,9 @@ Each config under experiments/ is in exactly one of three lists:
 - RUN: run here (one slow parametrized test). FER2013 configs read a tiny class-folder fixture, the tasks that
   need inputs get small real ones built once per module (a generator export, classifier / labeler / SSL
   checkpoints saved the way `fit` saves them, a synthetic set, a folder of faces);
-- COVERED: already run with fast_dev_run by the named test (checked below to exist and to name the config);
+- COVERED: already run with fast_dev_run by the named test (checked below to exist and to name the config, or to
+  run every config of a discovered kind: the SSL pre-training experiments on embedded faces, found by what they
+  configure, run in test_ssl.py::test_fast_dev_run, so a new method's YAML needs no line here);
 - FULL_SCALE: needs real datasets (AffectNet, RAF-DB, SFEW) or a Stable Diffusion folder; test_config.py and
   test_paper_configs.py compose and validate them.
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
+from discover_experiments import ssl_pretraining_on_embedded_data
 from fixtures import FER2013_FOLDERS, make_folder_dataset, make_synthetic_set, write_image
 from lightning_synfer.tasks import TASKS, load
 from lightning_synfer.config import compose, list_experiments, to_container
@@ -33,15 +36,12 @@ COVERED = {
     "supervised/embedded": "test_fit_evaluate.py::test_fast_dev_run_fit",
     "generator/embedded": "test_generator.py::test_fit_fast_dev_run_embedded",
     "labeler/embedded": "test_labeler.py::test_fit_fast_dev_run",
-    "ssl/embedded_mocov3": "test_ssl.py::test_fast_dev_run",
-    "ssl/embedded_simclr": "test_ssl.py::test_fast_dev_run",
-    "ssl/embedded_byol": "test_ssl.py::test_fast_dev_run",
-    "ssl/embedded_dino": "test_ssl.py::test_fast_dev_run",
-    "ssl/embedded_mocov3_synthetic": "test_ssl.py::test_fast_dev_run",
     "sweeps/embedded_ratio": "test_sweeps.py::test_local_sweep_runs_points_and_skips_finished",
     # every stage, a few steps each: fast_dev_run would leave the stages without the checkpoints later ones read
     "pipeline/embedded": "test_pipeline.py::test_main_pipeline_runs_end_to_end_shrunk",
 }
+DISCOVERED_BY = "test_ssl.py::test_fast_dev_run"  # parametrized over ssl_pretraining_on_embedded_data()
+COVERED.update({name: DISCOVERED_BY for name in ssl_pretraining_on_embedded_data()})
 # config -> what it needs that no fixture here stands in for
 FULL_SCALE = {
     "generator/sd15_synfer": "a Stable Diffusion 1.5 folder and RAF-DB",
@@ -64,8 +64,8 @@ TINY_GENERATOR = ["generator.text_encoder=tiny", "generator.text_max_length=16",
 TINY_SSL = ["model.backbone=test_vit", "ssl.proj_hidden_dim=32", "ssl.pred_hidden_dim=32", "ssl.proj_output_dim=16",
             "data.train.num_images=32", "data.synthetic.num_images=32"]
 # From test_synthesis.py: 16 px generator, 2 DDIM steps; both images in one predict batch (fast_dev_run: 1 batch).
-TINY_SYNTH = ["data.image_size=16", "data.train.num_images=32", "synth.num_images=2", "synth.batch_size=2",
-              "sampling.steps=2", "synth.shard_size=4"]
+TINY_SYNTH = ["data.image_size=16", "data.train.num_images=32", "synthesis.num_images=2", "synthesis.batch_size=2",
+              "sampling.steps=2", "synthesis.shard_size=4"]
 
 # config -> (task, builder of its overrides from the fixtures)
 RUN = {
@@ -74,21 +74,22 @@ RUN = {
     "generator/fer2013": ("fit", lambda a: [f"paths.fer2013={a['fer2013']}", *TINY_GENERATOR]),
     "generator/tiny_test": ("fit", lambda a: ["generator.sample_every_n_steps=0", "trainer.limit_val_batches=1"]),
     "labeler/embedded_timm": ("fit", lambda a: []),
-    "ssl/embedded_mocov3_both": ("fit", lambda a: TINY_SSL),
     "ssl/embedded_linear": ("linear", lambda a: [f"ckpt={a['ssl']}"]),
     "ssl/embedded_finetune": ("finetune", lambda a: [f"ckpt={a['ssl']}"]),
-    "generator/synthesize_embedded": ("synthesize", lambda a: [f"gen.ckpt={a['gen']}", *TINY_SYNTH]),
-    "generator/synthesize_sg": ("synthesize", lambda a: [f"gen.ckpt={a['gen']}", f"sg.ckpt={a['judge']}", *TINY_SYNTH]),
-    "generator/synthesize_layout": ("synthesize", lambda a: [f"gen.ckpt={a['gen']}", f"layout.root={a['faces']}",
-                                                             *TINY_SYNTH]),
+    "generator/synthesize_embedded": ("synthesize", lambda a: [f"synthesis.generator={a['gen']}", *TINY_SYNTH]),
+    "generator/synthesize_sg": ("synthesize", lambda a: [f"synthesis.generator={a['gen']}",
+                                                         f"guidance.classifier={a['judge']}", *TINY_SYNTH]),
+    "generator/synthesize_layout": ("synthesize", lambda a: [f"synthesis.generator={a['gen']}",
+                                                             f"synthesis.layout.root={a['faces']}", *TINY_SYNTH]),
     "generator/evaluate_generation": ("evaluate-generation", lambda a: [
-        f"synth.dir={a['synthetic']}", f"judge.ckpt={a['judge']}", f"real.root={a['faces']}",
-        "judge.kid_subset_size=3", "judge.batch_size=4"]),
-    "labeler/rectify": ("label", lambda a: [f"labelers=[{a['labeler']},{a['judge']}]", "label.batch_size=8"]),
+        f"generation_eval.dataset={a['synthetic']}", f"generation_eval.judge={a['judge']}",
+        f"generation_eval.real.root={a['faces']}",
+        "generation_eval.kid_subset_size=3", "generation_eval.batch_size=4"]),
+    "labeler/rectify": ("label", lambda a: [f"labeling.ensemble=[{a['labeler']},{a['judge']}]",
+                                            "labeling.batch_size=8"]),
     "labeler/no_labeler": ("label", lambda a: []),
 }
-EMBEDDED_DATA = {"labeler/embedded_timm", "ssl/embedded_mocov3_both", "ssl/embedded_linear", "ssl/embedded_finetune",
-                 "generator/tiny_test"}  # the others read fixtures or set their own sizes (TINY_SYNTH)
+EMBEDDED_DATA = {"labeler/embedded_timm", "ssl/embedded_linear", "ssl/embedded_finetune", "generator/tiny_test"}  # the others read fixtures or set their own sizes (TINY_SYNTH)
 
 
 def _is_full_scale(name: str) -> bool:
@@ -111,7 +112,11 @@ def test_covered_configs_name_a_fast_dev_run_that_exists():
         text = (HERE / file).read_text()
         node = next((n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == function), None)
         assert node is not None, f"{name}: {where} does not exist"
-        assert name in text or f'"{name.split("/")[-1]}"' in text, f"{file} never names {name}"
+        if where == DISCOVERED_BY:  # the test runs every discovered config rather than naming it
+            params = [ast.unparse(arg) for d in node.decorator_list for arg in getattr(d, "args", [])]
+            assert "ssl_pretraining_on_embedded_data()" in params, f"{where} is not parametrized by the discovery"
+        else:
+            assert name in text or f'"{name.split("/")[-1]}"' in text, f"{file} never names {name}"
         if name != "pipeline/embedded":
             assert "fast_dev_run=true" in ast.get_source_segment(text, node), f"{where} is not a fast_dev_run"
 
@@ -167,7 +172,7 @@ def artifacts(tmp_path_factory):
     return out
 
 
-def _check(task: str, metrics: dict) -> None:
+def _assert_metrics(task: str, metrics: dict) -> None:
     if task in ("fit", "linear", "finetune"):
         assert metrics["global_step"] == 1, metrics  # fast_dev_run: one training step
     if task in ("linear", "finetune"):
@@ -186,13 +191,13 @@ def test_config_runs_fast_dev_run_on_fixtures(name, artifacts, tmp_path):
     task, build = RUN[name]
     extra = ["trainer.fast_dev_run=true", *build(artifacts)]
     if task == "synthesize":
-        extra.append(f"synth.out={tmp_path / 'synthetic'}")
+        extra.append(f"synthesis.out={tmp_path / 'synthetic'}")
     if task == "label":  # writes manifest.v2.jsonl: a copy per run
-        extra.append(f"synth.dir={shutil.copytree(artifacts['synthetic'], tmp_path / 'synthetic')}")
+        extra.append(f"labeling.dataset={shutil.copytree(artifacts['synthetic'], tmp_path / 'synthetic')}")
     argv = [f"experiment={name}", *tiny_overrides(tmp_path, *extra, embedded=name in EMBEDDED_DATA)]
     cfg = compose(name, argv[1:])
     assert cfg.trainer.fast_dev_run is True
     metrics = load(task)(cfg, [task, *argv])
     written = sorted((tmp_path / "runs").rglob("metrics.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["task"] == metrics["task"]
-    _check(task, metrics)
+    _assert_metrics(task, metrics)

@@ -25,9 +25,10 @@ from lightly.utils import dist as lightly_dist
 
 from lightning_synfer.config import compose, to_container
 from lightning_synfer.metrics.knn import WeightedKNN
+from lightning_synfer.modules.ssl import METHODS as REGISTRY
 from lightning_synfer.modules.ssl import SSLModule
 
-METHODS = ("mocov3", "simclr", "byol", "dino")
+METHODS = tuple(REGISTRY.names())  # every registered method, each with its experiments/ssl/embedded_<method>.yaml
 GLOBAL_BATCH = 8
 WORLD = 2
 
@@ -59,17 +60,18 @@ class GatherBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def _config(method: str, tmp: str) -> dict:
-    cfg = compose(f"ssl/embedded_{'mocov3' if method == 'mocov3' else method}", [
+    multi_crop = REGISTRY.get(method).cls.uses_local_crops
+    cfg = compose(f"ssl/embedded_{method}", [
         "model.backbone=test_vit", "data.image_size=32", f"paths.runs_dir={tmp}", f"paths.cache_dir={tmp}",
-        "ssl.proj_hidden_dim=32", "ssl.pred_hidden_dim=32", "ssl.proj_output_dim=16", "ssl.dino_output_dim=64",
-        "ssl.dino_bottleneck_dim=16", "ssl.aug.local_crops=" + ("2" if method == "dino" else "0"),
-        "ssl.aug.local_size=16"])
+        "ssl.proj_hidden_dim=32", "ssl.pred_hidden_dim=32", "ssl.proj_output_dim=16",
+        "ssl.methods.dino.output_dim=64", "ssl.methods.dino.bottleneck_dim=16",
+        "ssl.aug.local_crops=" + ("2" if multi_crop else "0"), "ssl.aug.local_size=16"])
     return to_container(cfg)
 
 
 def _batch(method: str) -> dict:
     g = torch.Generator().manual_seed(1)
-    sizes = [32, 32] + ([16, 16] if method == "dino" else [])
+    sizes = [32, 32] + ([16, 16] if REGISTRY.get(method).cls.uses_local_crops else [])
     return {"image": [torch.randn(GLOBAL_BATCH, 1, s, s, generator=g, dtype=torch.float64) for s in sizes],
             "label": torch.randint(0, 8, (GLOBAL_BATCH,), generator=g),
             "domain": torch.zeros(GLOBAL_BATCH, dtype=torch.long)}

@@ -1,7 +1,8 @@
 """The base of every self-supervised method: backbone, multi-view data, optimizer, online evaluation.
 
-A method subclasses `SSLBase` (or `MomentumSSL` for an EMA teacher), builds its heads in `__init__`
-and implements one function:
+A method subclasses `SSLBase` (or `MomentumSSL` for an EMA teacher), registers itself with its settings
+dataclass (`@register_method("name", Settings)`, see ssl/__init__.py; `self.settings` is then filled from
+ssl.methods.<name>), builds its heads in `__init__` and implements one function:
 
     ssl_step(views) -> (loss, feats)   views: list of (B, C, H, W) crops, the first `num_global_views`
                                        global; feats: backbone features of the global views (for the
@@ -31,6 +32,7 @@ from datamodules.datamodule import FERDataModule, FERDataset
 from datamodules.transforms import MultiView, RandomLightGradient, eval_transform
 from lightning_synfer import optim
 from lightning_synfer.metrics.knn import WeightedKNN
+from lightning_synfer.config.ssl import method_settings
 from lightning_synfer.models.backbones import create_backbone
 from lightning_synfer.modules.base import CHECKPOINT_FORMAT, default_normalization
 
@@ -115,6 +117,7 @@ class SSLDataModule(FERDataModule):
 class SSLBase(L.LightningModule):
     task_name = "ssl"
     num_global_views = 2
+    uses_local_crops = False  # DINO's multi-crop: ssl.aug.local_crops > 0 is an error for the other methods
     # Every method says whether its BatchNorm layers need statistics over the global batch (from its paper);
     # with trainer.sync_batchnorm=null the Trainer factory then turns on SyncBatchNorm for multi-GPU runs.
     needs_sync_batchnorm: Optional[bool] = None
@@ -124,6 +127,8 @@ class SSLBase(L.LightningModule):
         self.save_hyperparameters()
         self.cfg: DictConfig = OmegaConf.create(config)
         self.label_names = list(label_names)
+        method = self.cfg.ssl.method
+        self.settings = method_settings(method, self.cfg.ssl.methods.get(method))
         self.num_classes = len(self.label_names)
         m = self.cfg.model
         self.backbone = create_backbone(

@@ -6,9 +6,11 @@ import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 
+from lightning_synfer.modules.ssl import register_method
 from lightning_synfer.modules.ssl.momentum import MomentumSSL
 
 
+@register_method("byol")  # no settings beyond the shared head dims and momentum schedule
 class BYOL(MomentumSSL):
     # Grill et al. 2020: BN statistics over the whole 4096 batch (cross-replica BN on 512 TPU cores).
     needs_sync_batchnorm = True

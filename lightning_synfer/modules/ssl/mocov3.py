@@ -4,14 +4,27 @@ Heads as in the official code: no linear biases, BN everywhere except the predic
 projector's last BN without affine parameters."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from lightly.models.modules.heads import ProjectionHead
 
+from lightning_synfer.config.errors import check
 from lightning_synfer.losses.ssl import MoCoV3Loss
+from lightning_synfer.modules.ssl import register_method
 from lightning_synfer.modules.ssl.momentum import MomentumSSL
 
 
+@dataclass
+class MoCoV3Settings:
+    temperature: float = 0.2  # of the contrastive loss ctr(q, k)
+
+    def validate(self, key: str) -> None:
+        check(self.temperature > 0, f"{key}.temperature", self.temperature, "a value > 0")
+
+
+@register_method("mocov3", MoCoV3Settings)
 class MoCoV3(MomentumSSL):
     # Chen, Xie & He 2021 (implementation details, official code): SyncBN in the encoder and both MLP heads.
     needs_sync_batchnorm = True
@@ -26,7 +39,7 @@ class MoCoV3(MomentumSSL):
         self.predictor = ProjectionHead([(out, s.pred_hidden_dim, nn.BatchNorm1d(s.pred_hidden_dim), nn.ReLU()),
                                          (s.pred_hidden_dim, out, None, None, False)])
         self.make_teacher("backbone", "projector")
-        self.criterion = MoCoV3Loss(s.temperature, gather_distributed=True)
+        self.criterion = MoCoV3Loss(self.settings.temperature, gather_distributed=True)
 
     def ssl_step(self, views):
         x1, x2 = views[:2]
