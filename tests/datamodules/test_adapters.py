@@ -57,6 +57,14 @@ def test_unknown_format_lists_valid_ones(tmp_path):
         assert name in str(exc.value)
 
 
+def test_config_refuses_a_format_no_adapter_registers():
+    from lightning_synfer.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match=r"'data.test.format' = 'rafbd': expected embedded or a registered dataset "
+                                          r"format \(affectnet, folder, rafdb, sfew, synthetic\)"):
+        compose("supervised/embedded", ["data.test.format=rafbd", "data.test.root=/x"])
+
+
 def test_missing_root_names_key_and_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(DatasetRootNotFoundError) as exc:

@@ -78,3 +78,18 @@ def test_real_folder_with_bad_files(tmp_path, capsys):
     (root / "happy" / "zero.jpg").write_bytes(b"")
     assert main(["check-dataset", str(root), "--format", "folder"]) == 1
     assert "zero" in capsys.readouterr().out
+
+
+def test_format_choices_are_the_registered_formats(tmp_path, capsys, monkeypatch):
+    from datamodules.adapters import FORMATS
+    from datamodules.adapters.base import DatasetFormat
+
+    with pytest.raises(SystemExit):
+        main(["check-dataset", str(tmp_path), "--format", "fer2013csv"])
+    err = capsys.readouterr().err
+    assert all(name in err for name in FORMATS.names()), err
+    # a format registered by its adapter module is a valid choice with no edit here
+    root = make_folder_dataset(tmp_path / "real", classes=("happy", "sad"), per_class=2)
+    monkeypatch.setitem(FORMATS._entries, "classfolders", DatasetFormat("classfolders", FORMATS.get("folder").load))
+    assert main(["check-dataset", str(root), "--format", "classfolders"]) == 0
+    assert "(format classfolders)" in capsys.readouterr().out
