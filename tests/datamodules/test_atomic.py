@@ -68,6 +68,23 @@ def test_run_dir_config_metrics_and_checkpoint_get_the_umask_mode(tmp_path, tiny
         assert _mode(path) == _expected(umask), path
 
 
+def test_a_fit_writes_group_readable_checkpoints_and_metrics(tmp_path, tiny):
+    """Through Lightning's ModelCheckpoint (best.ckpt, last.ckpt) and our RunDir, under a group umask."""
+    from lightning_synfer.config import compose
+    from lightning_synfer.tasks import fit
+
+    old = os.umask(0o007)
+    try:
+        fit.run(compose("supervised/embedded", tiny("model.backbone=test_resnet", "data.test=null",
+                                                    "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")))
+    finally:
+        os.umask(old)
+    (run,) = {p.parent for p in (tmp_path / "runs").rglob("metrics.json")}
+    files = [run / "config.yaml", run / "metrics.json", run / "checkpoints" / "best.ckpt",
+             run / "checkpoints" / "last.ckpt"]
+    assert {str(p): oct(_mode(p)) for p in files} == {str(p): oct(0o660) for p in files}
+
+
 def test_synthetic_manifest_header_and_image_writers_get_the_umask_mode(tmp_path, umask):
     from datamodules.procedural.dataset import render_split_cached
     from datamodules.synthetic import read_manifest, write_manifest
