@@ -128,7 +128,8 @@ class SSLBase(L.LightningModule):
         self.cfg: DictConfig = OmegaConf.create(config)
         self.label_names = list(label_names)
         method = self.cfg.ssl.method
-        self.settings = method_settings(method, self.cfg.ssl.methods.get(method))
+        # .get: checkpoints written before ssl.methods existed have none (their methods' defaults then apply)
+        self.settings = method_settings(method, (self.cfg.ssl.get("methods") or {}).get(method))
         self.num_classes = len(self.label_names)
         m = self.cfg.model
         self.backbone = create_backbone(
