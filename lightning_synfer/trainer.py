@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -15,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
+from datamodules.atomic import atomic_path
 from lightning_synfer import hardware
 from lightning_synfer.config.schema import TrainerConfig
 from lightning_synfer.runs import RunDir, is_global_zero
@@ -127,16 +129,16 @@ class PlainProgress(Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to a temporary file and renamed, so a kill mid-write never leaves a
-    truncated last.ckpt behind (Lightning's default writes the target path in place)."""
+    """Checkpoints are written to a temporary file beside the target and renamed (datamodules/atomic.py), so a kill
+    mid-write never leaves a truncated last.ckpt behind, and the file gets the user's umask. torch.save writes the
+    temporary itself: Lightning's own save would stage it in the system temp folder and copy it across."""
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
-        import os
-
-        from datamodules.atomic import atomic_path
-
+        if storage_options is not None:
+            raise TypeError(f"Trainer.save_checkpoint(..., storage_options={storage_options!r}): storage options are "
+                            f"not supported by {type(self).__name__} (local files only)")
         with atomic_path(os.fspath(path)) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            torch.save(checkpoint, tmp)
 
 
 class SaveOnPreemption(Callback):
