@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from datamodules.atomic import atomic_write_text
@@ -113,35 +114,13 @@ class GeneratorModule(L.LightningModule):
                              f"generator.train_unet=false; set train_unet=true or lora_rank=0")
 
         self.vae: Optional[AutoencoderKL] = None
-        frozen_dtype = DTYPES[g.frozen_dtype]
-        if g.profile == "sd":
-            root = check_sd_folder(self.sd_path)
-            if g.text_encoder == "clip":
-                check_sd_folder(root, required=("text_encoder/config.json", "tokenizer"))
-            self.unet = load_unet(root / "unet")
-            self.vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True, dtype=frozen_dtype)
-            self.vae.requires_grad_(False).eval()
-            self.noise_scheduler = self._sd_scheduler(root)
-        else:
-            self.unet = build_tiny_unet(g, int(self.cfg.data.image_size), channels)
-            self.noise_scheduler = DDPMScheduler(num_train_timesteps=g.num_train_timesteps, beta_schedule=g.beta_schedule,
-                                                 prediction_type=g.prediction_type, clip_sample=True)
+        self._build_diffusion_model(g, channels)
         self.text_encoder: TextEncoder = build_text_encoder(g, str(self.sd_path) if g.profile == "sd" else None)
         cross_dim = int(self.unet.config.cross_attention_dim)
         # Trainable map from the frozen text width to the UNet's cross-attention width.
         self.text_proj: nn.Module = nn.Linear(self.text_encoder.dim, cross_dim) \
             if self.text_encoder.dim != cross_dim else nn.Identity()
-
-        # Trainable set: full UNet, LoRA, or nothing (adapter-only on a frozen base).
-        if not g.train_unet or g.lora_rank > 0:
-            self.unet.requires_grad_(False)
-        if g.lora_rank > 0:
-            from peft import LoraConfig
-
-            self.unet.add_adapter(LoraConfig(r=g.lora_rank, lora_alpha=g.lora_alpha or g.lora_rank,
-                                             init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-            for name, p in self.unet.named_parameters():
-                p.requires_grad_("lora_" in name)
+        self._set_unet_trainable(g)
         self.au_adapter: Optional[AUAdapter] = None
         if g.au_adapter:
             self.au_adapter = AUAdapter(len(self.au_names), cross_dim, g.num_au_tokens, g.au_hidden, self.au_names)
@@ -167,6 +146,32 @@ class GeneratorModule(L.LightningModule):
         self._last_loss: Optional[float] = None
 
     # -- construction helpers -------------------------------------------------------------------------
+    def _build_diffusion_model(self, g: DictConfig, channels: int) -> None:
+        """The UNet and noise schedule (plus the frozen VAE for Stable Diffusion) of generator.profile."""
+        if g.profile == "sd":
+            root = check_sd_folder(self.sd_path)
+            if g.text_encoder == "clip":
+                check_sd_folder(root, required=("text_encoder/config.json", "tokenizer"))
+            self.unet = load_unet(root / "unet")
+            self.vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True,
+                                                     dtype=DTYPES[g.frozen_dtype])
+            self.vae.requires_grad_(False).eval()
+            self.noise_scheduler = self._sd_scheduler(root)
+        else:
+            self.unet = build_tiny_unet(g, int(self.cfg.data.image_size), channels)
+            self.noise_scheduler = DDPMScheduler(num_train_timesteps=g.num_train_timesteps, beta_schedule=g.beta_schedule,
+                                                 prediction_type=g.prediction_type, clip_sample=True)
+
+    def _set_unet_trainable(self, g: DictConfig) -> None:
+        """The UNet's trainable set: all of it, LoRA weights only, or nothing (adapter-only on a frozen base)."""
+        if not g.train_unet or g.lora_rank > 0:
+            self.unet.requires_grad_(False)
+        if g.lora_rank > 0:
+            self.unet.add_adapter(LoraConfig(r=g.lora_rank, lora_alpha=g.lora_alpha or g.lora_rank,
+                                             init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+            for name, p in self.unet.named_parameters():
+                p.requires_grad_("lora_" in name)
+
     @property
     def sd_path(self) -> Optional[str]:
         return self.gcfg.pretrained_path or self.cfg.model.get("pretrained_path")
