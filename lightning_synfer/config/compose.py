@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from datamodules.adapters import FORMATS
 from lightning_synfer.config.errors import ConfigError, check
 from lightning_synfer.config.schema import Config
 
@@ -228,6 +229,10 @@ def validate(cfg: DictConfig) -> None:
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive global batch size")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "at least 8 pixels")
     _check(d.augment.preset in ("fer", "light", "none"), "data.augment.preset", d.augment.preset, "fer, light or none")
+    for name in ("train", "val", "test", "synthetic"):  # embedded renders faces; the rest are registered adapters
+        fmt = d[name].format if d.get(name) is not None else "embedded"
+        check(fmt == "embedded" or fmt in FORMATS, f"data.{name}.format", fmt,
+              f"embedded or a registered dataset format ({', '.join(FORMATS.names())})")
     if d.mix.synthetic_ratio > 0:
         _check(d.synthetic is not None, "data.synthetic", None,
                "a synthetic dataset (data.synthetic.root=DIR) when data.mix.synthetic_ratio > 0")
