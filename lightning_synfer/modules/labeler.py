@@ -201,19 +201,7 @@ class PseudoLabelerModule(FERClassifierModule):
         if not self.normalization:
             self.normalization = {"mean": [0.5] * channels, "std": [0.5] * channels, "image_size": size,
                                   "channels": channels}
-        if frozen_spec is not None and lab.store_frozen:
-            src = build_from_spec(frozen_spec)  # weights come from the checkpoint's state_dict
-            spec = frozen_spec
-        else:
-            # First build, or a checkpoint without frozen weights (store_frozen=false): read the frozen model.
-            path = frozen_spec.get("path") if frozen_spec is not None else lab.unet_path
-            if frozen_spec is not None and frozen_spec.get("source") != "tiny" and not path:
-                raise ValueError("labeler checkpoint saved with labeler.store_frozen=false records no unet_path; "
-                                 "the frozen UNet cannot be rebuilt")
-            lab_src = copy.deepcopy(lab)
-            lab_src.unet_path = None if path is None else str(path)
-            src = load_frozen_source(lab_src, size, channels)
-            spec = source_spec(src, lab_src.unet_path)
+        src, spec = self._frozen_source(frozen_spec, size, channels)
         self.frozen_spec = spec
         self.hparams["frozen_spec"] = spec  # saved with the checkpoint's hyper-parameters
 
@@ -257,6 +245,25 @@ class PseudoLabelerModule(FERClassifierModule):
         self.criterion = SoftTargetCrossEntropy(loss.label_smoothing, loss.class_weights)
         self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.strict_loading = bool(lab.store_frozen)  # Lightning's own loads (resume, test "best")
+
+    def _frozen_source(self, frozen_spec: Optional[dict], size: int, channels: int) -> tuple[dict, dict]:
+        """(the frozen diffusion model's parts, their spec): rebuilt from a checkpoint's spec (its weights come from
+        the state_dict), or read from labeler.unet_path on a first build or a checkpoint saved without them."""
+        lab = self.lab
+        if frozen_spec is not None and lab.store_frozen:
+            src = build_from_spec(frozen_spec)  # weights come from the checkpoint's state_dict
+            spec = frozen_spec
+        else:
+            # First build, or a checkpoint without frozen weights (store_frozen=false): read the frozen model.
+            path = frozen_spec.get("path") if frozen_spec is not None else lab.unet_path
+            if frozen_spec is not None and frozen_spec.get("source") != "tiny" and not path:
+                raise ValueError("labeler checkpoint saved with labeler.store_frozen=false records no unet_path; "
+                                 "the frozen UNet cannot be rebuilt")
+            lab_src = copy.deepcopy(lab)
+            lab_src.unet_path = None if path is None else str(path)
+            src = load_frozen_source(lab_src, size, channels)
+            spec = source_spec(src, lab_src.unet_path)
+        return src, spec
 
     # -- frozen parts stay frozen and in eval mode ------------------------------------------------------------
     def train(self, mode: bool = True) -> "PseudoLabelerModule":
