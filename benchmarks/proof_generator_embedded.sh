@@ -10,11 +10,11 @@ PY=${PY:-.venv/bin/python}
 : "${GEN:?GEN=generator export folder}" "${GUIDE:?GUIDE=guidance classifier ckpt}" "${JUDGE:?JUDGE=judge classifier ckpt}"
 for arm in plain sg; do
   extra=()
-  [ "$arm" = sg ] && extra=(experiment=generator/synthesize_sg "sg.ckpt=$GUIDE")
+  [ "$arm" = sg ] && extra=(experiment=generator/synthesize_sg "guidance.classifier=$GUIDE")
   [ "$arm" = plain ] && extra=(experiment=generator/synthesize_embedded)
-  /usr/bin/time -v "$PY" run.py synthesize "${extra[@]}" "gen.ckpt=$GEN" "synth.out=$OUT/$arm" \
-      "synth.num_images=$N" "sampling.steps=$STEPS" trainer.enable_progress_bar=false "run_dir=$OUT/synth_$arm" \
+  /usr/bin/time -v "$PY" run.py synthesize "${extra[@]}" "synthesis.generator=$GEN" "synthesis.out=$OUT/$arm" \
+      "synthesis.num_images=$N" "sampling.steps=$STEPS" trainer.enable_progress_bar=false "run_dir=$OUT/synth_$arm" \
       2>&1 | grep -E "synfer|Elapsed|Maximum resident"
-  "$PY" run.py evaluate-generation experiment=generator/evaluate_generation "synth.dir=$OUT/$arm" \
-      "judge.ckpt=$JUDGE" trainer.enable_progress_bar=false "run_dir=$OUT/eval_$arm" 2>&1 | tail -n 25
+  "$PY" run.py evaluate-generation experiment=generator/evaluate_generation "generation_eval.dataset=$OUT/$arm" \
+      "generation_eval.judge=$JUDGE" trainer.enable_progress_bar=false "run_dir=$OUT/eval_$arm" 2>&1 | tail -n 25
 done

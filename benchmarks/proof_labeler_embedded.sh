@@ -16,7 +16,7 @@ if [ "$PHASE" = train ]; then
   "$PY" run.py fit experiment=labeler/embedded_timm "${common[@]}" "run_dir=$OUT/labeler_timm" 2>&1 | tail -n 22
 else
   : "${SYN:?SYN=synthetic set}" "${LABELERS:?LABELERS=comma-separated ensemble checkpoints}"
-  "$PY" run.py label experiment=labeler/rectify "synth.dir=$SYN" "labelers=[$LABELERS]" "${common[@]}" \
+  "$PY" run.py label experiment=labeler/rectify "labeling.dataset=$SYN" "labeling.ensemble=[$LABELERS]" "${common[@]}" \
       "run_dir=$OUT/label" 2>&1 | tail -n 12
   for version in 1 2; do
     "$PY" run.py fit experiment=supervised/embedded "${common[@]}" data.image_size=32 model.small_input=true \

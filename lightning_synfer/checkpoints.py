@@ -49,7 +49,8 @@ def with_schema_defaults(stored: dict) -> dict:
 
     from lightning_synfer.config.schema import Config
 
-    return _deep_update(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True), stored)
+    # enum_to_str: the schema's Choice defaults become plain strings (checkpoints load with weights_only=True)
+    return _deep_update(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True, enum_to_str=True), stored)
 
 
 def load_module(path: str | os.PathLike, *, tasks: Optional[Sequence[str]] = None,

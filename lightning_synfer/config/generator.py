@@ -8,21 +8,46 @@ Profiles:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
+
+from lightning_synfer.config.choices import Choice, FrozenDtype
+from lightning_synfer.config.errors import check
+
+
+class Profile(Choice):
+    tiny = "tiny"
+    sd = "sd"
+
+
+class TextEncoder(Choice):
+    minilm = "minilm"
+    clip = "clip"  # from <pretrained_path>/text_encoder and tokenizer (profile=sd)
+    tiny = "tiny"
+
+
+class PredictionType(Choice):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+
+
+class BetaSchedule(Choice):
+    squaredcos_cap_v2 = "squaredcos_cap_v2"
+    linear = "linear"
+    scaled_linear = "scaled_linear"
 
 
 @dataclass
 class GeneratorConfig:
-    profile: str = "tiny"  # tiny | sd
+    profile: Profile = Profile.tiny
     pretrained_path: Optional[str] = None  # sd: diffusers folder (falls back to model.pretrained_path)
-    frozen_dtype: str = "bf16"  # bf16 | fp16 | fp32: dtype of the frozen VAE and text encoder
+    frozen_dtype: FrozenDtype = FrozenDtype.bf16  # dtype of the frozen VAE and text encoder
     lora_rank: int = 0  # > 0: LoRA on to_q/to_k/to_v/to_out.0 instead of a full UNet fine-tune
     lora_alpha: Optional[float] = None  # None: = lora_rank
     train_unet: bool = True  # false: only the AU adapter (and text projection) train on a frozen base
     gradient_checkpointing: bool = False
 
     # text conditioning
-    text_encoder: str = "minilm"  # minilm | clip | tiny (clip reads <pretrained_path>/text_encoder, tokenizer)
+    text_encoder: TextEncoder = TextEncoder.minilm
     text_max_length: int = 32  # tokens per caption (clip in sd: 77)
     text_cache_size: int = 4096  # LRU cache of frozen caption embeddings (0 = off)
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
@@ -35,8 +60,8 @@ class GeneratorConfig:
     au_dropout: float = 0.1  # share of AU vectors replaced by zeros (guidance; = the no-AU condition)
 
     # diffusion
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
-    beta_schedule: str = "squaredcos_cap_v2"  # squaredcos_cap_v2 | linear | scaled_linear
+    prediction_type: PredictionType = PredictionType.epsilon
+    beta_schedule: BetaSchedule = BetaSchedule.squaredcos_cap_v2
     num_train_timesteps: int = 1000
     snr_gamma: Optional[float] = None  # min-SNR weighting (5.0 is the paper's value); None = plain MSE
 
@@ -63,38 +88,29 @@ class GeneratorConfig:
     export_on_fit_end: bool = True  # save_pretrained to <run_dir>/export
 
 
-def validate_generator(cfg) -> None:
-    from lightning_synfer.config.compose import _check
-
+def validate_generator(cfg: Any) -> None:
     g = cfg.get("generator")
     if g is None:
         return
-    _check(g.profile in ("tiny", "sd"), "generator.profile", g.profile, "tiny or sd")
-    _check(g.frozen_dtype in ("bf16", "fp16", "fp32"), "generator.frozen_dtype", g.frozen_dtype, "bf16, fp16 or fp32")
-    _check(g.lora_rank >= 0, "generator.lora_rank", g.lora_rank, "0 (full fine-tune) or a positive rank")
-    _check(g.text_encoder in ("minilm", "clip", "tiny"), "generator.text_encoder", g.text_encoder, "minilm, clip or tiny")
-    _check(g.text_max_length > 0, "generator.text_max_length", g.text_max_length, "a positive token count")
-    _check(0.0 <= g.caption_dropout < 1.0, "generator.caption_dropout", g.caption_dropout, "a value in [0, 1)")
-    _check(0.0 <= g.au_dropout < 1.0, "generator.au_dropout", g.au_dropout, "a value in [0, 1)")
-    _check(g.num_au_tokens > 0, "generator.num_au_tokens", g.num_au_tokens, "a positive token count")
-    _check(g.prediction_type in ("epsilon", "v_prediction"), "generator.prediction_type", g.prediction_type,
-           "epsilon or v_prediction")
-    _check(g.beta_schedule in ("squaredcos_cap_v2", "linear", "scaled_linear"), "generator.beta_schedule",
-           g.beta_schedule, "squaredcos_cap_v2, linear or scaled_linear")
-    _check(g.snr_gamma is None or g.snr_gamma > 0, "generator.snr_gamma", g.snr_gamma, "null or a value > 0")
-    _check(0.0 < g.ema_decay < 1.0, "generator.ema_decay", g.ema_decay, "a value in (0, 1)")
-    _check(len(g.attention_levels) == len(g.block_out_channels), "generator.attention_levels", list(g.attention_levels),
-           f"one flag per entry of generator.block_out_channels ({len(g.block_out_channels)})")
-    _check(all(c % g.norm_num_groups == 0 for c in g.block_out_channels), "generator.block_out_channels",
-           list(g.block_out_channels), f"multiples of generator.norm_num_groups={g.norm_num_groups}")
+    check(g.lora_rank >= 0, "generator.lora_rank", g.lora_rank, "0 (full fine-tune) or a positive rank")
+    check(g.text_max_length > 0, "generator.text_max_length", g.text_max_length, "a positive token count")
+    check(0.0 <= g.caption_dropout < 1.0, "generator.caption_dropout", g.caption_dropout, "a value in [0, 1)")
+    check(0.0 <= g.au_dropout < 1.0, "generator.au_dropout", g.au_dropout, "a value in [0, 1)")
+    check(g.num_au_tokens > 0, "generator.num_au_tokens", g.num_au_tokens, "a positive token count")
+    check(g.snr_gamma is None or g.snr_gamma > 0, "generator.snr_gamma", g.snr_gamma, "null or a value > 0")
+    check(0.0 < g.ema_decay < 1.0, "generator.ema_decay", g.ema_decay, "a value in (0, 1)")
+    check(len(g.attention_levels) == len(g.block_out_channels), "generator.attention_levels", list(g.attention_levels),
+          f"one flag per entry of generator.block_out_channels ({len(g.block_out_channels)})")
+    check(all(c % g.norm_num_groups == 0 for c in g.block_out_channels), "generator.block_out_channels",
+          list(g.block_out_channels), f"multiples of generator.norm_num_groups={g.norm_num_groups}")
     if cfg.get("task") == "generator":
         for key in ("mean", "std"):
             value = cfg.data.get(key)
-            _check(value is None or all(v == 0.5 for v in value), f"data.{key}", value,
-                   "null or 0.5 per channel (the generator models images in [-1, 1])")
+            check(value is None or all(v == 0.5 for v in value), f"data.{key}", value,
+                  "null or 0.5 per channel (the generator models images in [-1, 1])")
     if g.profile == "tiny":
         down = 2 ** (len(g.block_out_channels) - 1)
-        _check(cfg.data.image_size % down == 0, "data.image_size", cfg.data.image_size,
-               f"a multiple of {down} (the tiny UNet downsamples {len(g.block_out_channels) - 1} times)")
-        _check(g.text_encoder != "clip", "generator.text_encoder", g.text_encoder,
-               "minilm or tiny for the tiny profile (clip comes from an SD folder: profile=sd)")
+        check(cfg.data.image_size % down == 0, "data.image_size", cfg.data.image_size,
+              f"a multiple of {down} (the tiny UNet downsamples {len(g.block_out_channels) - 1} times)")
+        check(g.text_encoder != "clip", "generator.text_encoder", g.text_encoder,
+              "minilm or tiny for the tiny profile (clip comes from an SD folder: profile=sd)")

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Dict, List, Optional
 
 from datamodules.adapters import dataset_roots
+from lightning_synfer.config.choices import Choice
 from lightning_synfer.config.generator import GeneratorConfig
-from lightning_synfer.config.labeler import LabelConfig, LabelerConfig
+from lightning_synfer.config.labeler import LabelerConfig, LabelingConfig
 from lightning_synfer.config.ssl import SSLConfig
-from lightning_synfer.config.synthesis import (GenConfig, JudgeConfig, LayoutConfig, RealConfig, SamplingConfig,
-                                               SemanticGuidanceConfig, SynthConfig)
+from lightning_synfer.config.synthesis import GenerationEvalConfig, GuidanceConfig, SamplingConfig, SynthesisConfig
 from lightning_synfer.config.pipeline import PipelineConfig
 from lightning_synfer.config.sweep import SweepConfig
 
@@ -99,14 +99,25 @@ class MixConfig:
     synthetic_scale: float = 1.0  # synthetic-only epochs draw scale x |real train| samples
 
 
+class AugmentPreset(Choice):
+    fer = "fer"
+    light = "light"  # flips only (generator training)
+    none = "none"
+
+
 @dataclass
 class AugmentConfig:
-    preset: str = "fer"  # fer | light | none (generator training uses light: flips only)
+    preset: AugmentPreset = AugmentPreset.fer
     crop_scale: List[float] = field(default_factory=lambda: [0.8, 1.0])
     hflip: float = 0.5
     rotation: float = 10.0
     color_jitter: float = 0.3
     random_erasing: float = 0.25
+
+
+class OnBadImage(Choice):
+    skip = "skip"  # leave undecodable images out (listed in bad_images.txt)
+    error = "error"
 
 
 @dataclass
@@ -124,7 +135,7 @@ class DataConfig:
     num_workers: int = 2
     persistent_workers: bool = True
     pin_memory: bool = True
-    on_bad_image: str = "skip"  # skip | error
+    on_bad_image: OnBadImage = OnBadImage.skip
     verify_images: bool = True  # check headers of every file at setup; decode errors at run time
     mean: Optional[List[float]] = None  # None: from the backbone's pretrained_cfg, else 0.5
     std: Optional[List[float]] = None
@@ -146,14 +157,25 @@ class ModelConfig:
     extra: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
 
 
+class OptimizerName(Choice):
+    adamw = "adamw"
+    sgd = "sgd"
+    lars = "lars"
+
+
+class SchedulerName(Choice):
+    warmup_cosine = "warmup_cosine"
+    constant = "constant"
+
+
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd | lars
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 1e-3
     weight_decay: float = 0.05
     momentum: float = 0.9
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: str = "warmup_cosine"  # warmup_cosine | constant
+    scheduler: SchedulerName = SchedulerName.warmup_cosine
     warmup_fraction: float = 0.05  # of trainer.estimated_stepping_batches
     min_lr_ratio: float = 0.01
     scale_lr_with_batch: bool = False  # lr * global_batch / 256 (SSL convention)
@@ -200,14 +222,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # synthesis (lightning_synfer/config/synthesis.py)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    sg: SemanticGuidanceConfig = field(default_factory=SemanticGuidanceConfig)
-    layout: LayoutConfig = field(default_factory=LayoutConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    gen: GenConfig = field(default_factory=GenConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    real: RealConfig = field(default_factory=RealConfig)
+    # synthesis and its evaluation (lightning_synfer/config/synthesis.py)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the DDIM sampler
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)  # semantic guidance while sampling
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)  # `synthesize` (with its layout start)
+    generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # `evaluate-generation`
     # self-supervised pre-training and probes (lightning_synfer/config/ssl.py)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     # the diffusion generator (lightning_synfer/config/generator.py)
@@ -217,10 +236,9 @@ class Config:
     # grids of runs and their launchers (lightning_synfer/config/sweep.py)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     # the diffusion-feature pseudo-labeler and label rectification (lightning_synfer/config/labeler.py)
-    labeler: LabelerConfig = field(default_factory=LabelerConfig)
-    label: LabelConfig = field(default_factory=LabelConfig)
-    labelers: List[str] = field(default_factory=list)  # `label`: the ensemble's checkpoints (any `evaluate`-able)
-    # Task families add their own section here (generator, labeler, ssl, synth, sweep, pipeline),
+    labeler: LabelerConfig = field(default_factory=LabelerConfig)  # the model (task `labeler`)
+    labeling: LabelingConfig = field(default_factory=LabelingConfig)  # `label`: the ensemble vote on a synthetic set
+    # Task families add their own section here (generator, labeler, ssl, synthesis, sweep, pipeline),
     # each a dataclass in lightning_synfer/config/<family>.py.
 
 

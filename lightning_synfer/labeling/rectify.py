@@ -59,7 +59,7 @@ def rectify(records: Sequence[Mapping], probs_by_id: Mapping[str, np.ndarray], l
     Records in `bad_ids` (images that could not be decoded) are left out of the new version and counted.
     """
     if mode not in ("rectify", "none"):
-        raise ValueError(f"label.mode={mode!r}: expected rectify or none")
+        raise ValueError(f"labeling.mode={mode!r}: expected rectify or none")
     k = len(label_names)
     bad = set(bad_ids)
     confusion = np.zeros((k, k), dtype=np.int64)

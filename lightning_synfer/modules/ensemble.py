@@ -2,7 +2,7 @@
 
 `evaluate ckpt=A eval.ensemble=[B,C]` scores a snapshot ensemble (the best checkpoints of successive
 warm-restart cycles) or a seed ensemble exactly as it scores one model: the same metrics, TTA and report.
-Labelling keeps its own ensemble (`labelers`), which needs each member's vote, not only the mean.
+Labelling keeps its own ensemble (`labeling.ensemble`), which needs each member's vote, not only the mean.
 """
 from __future__ import annotations
 

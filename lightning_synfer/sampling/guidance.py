@@ -22,7 +22,7 @@ class SemanticGuidance(nn.Module):
                  label_names: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         if not 0.0 < window <= 1.0:
-            raise ValueError(f"sg.window={window}: expected a fraction of the last DDIM steps in (0, 1]")
+            raise ValueError(f"guidance.window={window}: expected a fraction of the last DDIM steps in (0, 1]")
         self.classifier = classifier.eval().requires_grad_(False)
         self.scale = float(scale)
         self.window = float(window)
@@ -32,14 +32,15 @@ class SemanticGuidance(nn.Module):
         self.last_target_prob: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_config(cls, sg: Any, label_names: Sequence[str]) -> Optional["SemanticGuidance"]:
-        if not sg.enabled:
+    def from_config(cls, guidance: Any, label_names: Sequence[str]) -> Optional["SemanticGuidance"]:
+        """The `guidance` config section -> a SemanticGuidance, or None when it is off."""
+        if not guidance.enabled:
             return None
-        if not sg.ckpt:
-            raise ValueError("sg.enabled=true needs sg.ckpt=PATH (a FER classifier checkpoint)")
+        if not guidance.classifier:
+            raise ValueError("guidance.enabled=true needs guidance.classifier=PATH (a FER classifier checkpoint)")
         from lightning_synfer.checkpoints import ImageClassifier
 
-        return cls(ImageClassifier.from_checkpoint(sg.ckpt), sg.scale, sg.window, label_names)
+        return cls(ImageClassifier.from_checkpoint(guidance.classifier), guidance.scale, guidance.window, label_names)
 
     def set_label_names(self, generator_labels: Sequence[str]) -> None:
         """Map the generator's label indices onto the classifier's (by canonical name; -1 = not guided)."""
@@ -58,7 +59,7 @@ class SemanticGuidance(nn.Module):
             targets = self._index_map.to(targets.device)[targets]
         if torch.is_inference_mode_enabled():
             raise RuntimeError("semantic guidance needs autograd, but it runs under torch.inference_mode(); "
-                               "build the Trainer with inference_mode=False (synthesize does when sg.enabled)")
+                               "build the Trainer with inference_mode=False (synthesize does when guidance.enabled)")
         keep = targets >= 0
         if not keep.any() or self.scale == 0:
             return text_emb

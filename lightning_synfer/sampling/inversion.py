@@ -76,7 +76,8 @@ def encode_seeded(gen: Any, images_m11: torch.Tensor, seeds: Optional[Sequence[i
     return torch.cat(out)
 
 
-def list_layout_images(root: str, fmt: str = "images", split: str = "train", key: str = "layout.root") -> list[str]:
+def list_layout_images(root: str, fmt: str = "images", split: str = "train",
+                       key: str = "synthesis.layout.root") -> list[str]:
     """Sorted image paths of a layout/real source: any image files below root, or a dataset adapter."""
     if not root or not os.path.isdir(root):
         raise FileNotFoundError(f"{key}={root}: no such folder (expected a folder of face images)")

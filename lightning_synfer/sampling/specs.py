@@ -1,12 +1,12 @@
 """What to generate: one spec per image {id, index, label, aus, caption, seed}.
 
-Specs are a pure function of the config (synth.seed, counts, AU source, captions), so a resumed run and
+Specs are a pure function of the config (synthesis.seed, counts, AU source, captions), so a resumed run and
 every DDP rank see the same list. Each spec draws its AUs and caption from its own RNG
 (SeedSequence([seed, index])), so spec i does not depend on how many specs there are.
 
 AUs: for the target class, a training face's AU vector (empirical) or a draw from the class mean/cov
 (gaussian), from the records of `data.train`; EMFACS prototypes with `sample_aus` where the data has none.
-Captions: the procedural templates (AU phrases + expression), or lines of `synth.captions_file`.
+Captions: the procedural templates (AU phrases + expression), or lines of `synthesis.captions_file`.
 """
 from __future__ import annotations
 
@@ -75,25 +75,26 @@ def class_counts(total: int, label_names: Sequence[str], per_class: Any = None, 
             counts = [0] * k
             canon = [canonical_name(n) for n in label_names]
             for name, count in per_class.items():
-                c = canonical_name(str(name), source="synth.per_class")
+                c = canonical_name(str(name), source="synthesis.per_class")
                 if c not in canon:
-                    raise ValueError(f"synth.per_class: class '{name}' is not one of the generator's classes {canon}")
+                    raise ValueError(f"synthesis.per_class: class '{name}' is not one of the generator's classes "
+                                     f"{canon}")
                 counts[canon.index(c)] = int(count)
         elif isinstance(per_class, Sequence) and not isinstance(per_class, str):
             if len(per_class) != k:
-                raise ValueError(f"synth.per_class={list(per_class)}: expected {k} counts, one per class "
+                raise ValueError(f"synthesis.per_class={list(per_class)}: expected {k} counts, one per class "
                                  f"{list(label_names)} (or a mapping {{class: count}})")
             counts = [int(c) for c in per_class]
         else:
-            raise ValueError(f"synth.per_class={per_class!r}: expected a list of {k} counts or {{class: count}}")
+            raise ValueError(f"synthesis.per_class={per_class!r}: expected a list of {k} counts or {{class: count}}")
         if any(c < 0 for c in counts):
-            raise ValueError(f"synth.per_class={per_class!r}: counts must be >= 0")
+            raise ValueError(f"synthesis.per_class={per_class!r}: counts must be >= 0")
         if total and sum(counts) != total:
-            raise ValueError(f"synth.per_class sums to {sum(counts)} but synth.num_images={total}; "
-                             f"set synth.num_images=0 (or to {sum(counts)})")
+            raise ValueError(f"synthesis.per_class sums to {sum(counts)} but synthesis.num_images={total}; "
+                             f"set synthesis.num_images=0 (or to {sum(counts)})")
         return counts
     if total <= 0:
-        raise ValueError("synth.num_images must be > 0 (or give synth.per_class counts)")
+        raise ValueError("synthesis.num_images must be > 0 (or give synthesis.per_class counts)")
     weights = np.full(k, 1.0 / k) if class_balanced or prior is None else np.asarray(prior, dtype=np.float64)
     if weights.sum() <= 0:
         weights = np.full(k, 1.0 / k)
@@ -156,14 +157,15 @@ def read_captions_file(path: str, label_names: Sequence[str]) -> tuple[list[str]
     """(free templates, {class: captions}). A line 'label<TAB>caption' pins a caption to a class; any
     other non-empty line is a template for every class ({expression} becomes the class word)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"synth.captions_file={path}: no such file (one caption per line)")
+        raise FileNotFoundError(f"synthesis.captions_file={path}: no such file (one caption per line)")
     free: list[str] = []
     pinned: dict[str, list[str]] = {}
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.readlines()
     except UnicodeDecodeError as exc:  # the codec's message names neither the file nor what was expected
-        raise ValueError(f"synth.captions_file={path}: not UTF-8 text ({exc}); expected one caption per line") from exc
+        raise ValueError(f"synthesis.captions_file={path}: not UTF-8 text ({exc}); expected one caption "
+                         f"per line") from exc
     for lineno, line in enumerate(lines, 1):
         line = line.rstrip("\r\n")  # not strip(): 'happy<TAB>' must stay a pinned line, not become a caption
         if not line.strip() or line.lstrip().startswith("#"):
@@ -171,17 +173,17 @@ def read_captions_file(path: str, label_names: Sequence[str]) -> tuple[list[str]
         if "\t" in line:
             label, text = line.split("\t", 1)
             if not text.strip():
-                raise ValueError(f"synth.captions_file={path}:{lineno}: class {label.strip()!r} has an empty "
+                raise ValueError(f"synthesis.captions_file={path}:{lineno}: class {label.strip()!r} has an empty "
                                  f"caption; expected 'class<TAB>caption'")
             pinned.setdefault(canonical_name(label.strip(), source=f"{path}:{lineno}"), []).append(text.strip())
         else:
             free.append(line.strip())
     if not free and not pinned:
-        raise ValueError(f"synth.captions_file={path}: no captions (expected one per line)")
+        raise ValueError(f"synthesis.captions_file={path}: no captions (expected one per line)")
     canon = [canonical_name(n) for n in label_names]
     missing = [n for n in canon if n not in pinned] if not free else []
     if missing:
-        raise ValueError(f"synth.captions_file={path}: no caption for classes {missing}; add 'class<TAB>caption' "
+        raise ValueError(f"synthesis.captions_file={path}: no caption for classes {missing}; add 'class<TAB>caption' "
                          f"lines or a free line with {{expression}}")
     return free, pinned
 
@@ -259,7 +261,7 @@ def training_au_stats(cfg: Any, au_names: Sequence[str]) -> Optional[AUStats]:
 
 
 def specs_from_config(cfg: Any, label_names: Sequence[str], au_names: Sequence[str]) -> list[Spec]:
-    y = cfg.synth
+    y = cfg.synthesis
     stats = None
     if au_names and y.au_source in ("auto", "data"):
         try:
@@ -267,9 +269,10 @@ def specs_from_config(cfg: Any, label_names: Sequence[str], au_names: Sequence[s
         except (FileNotFoundError, ValueError) as exc:
             if y.au_source == "data":
                 raise
-            log.warning("synth.au_source=auto: data.train unreadable (%s); using EMFACS prototypes", exc)
+            log.warning("synthesis.au_source=auto: data.train unreadable (%s); using EMFACS prototypes", exc)
         if stats is None and y.au_source == "data":
-            raise ValueError("synth.au_source=data: data.train has no AU annotations; use synth.au_source=emfacs")
+            raise ValueError("synthesis.au_source=data: data.train has no AU annotations; "
+                             "use synthesis.au_source=emfacs")
     captions = read_captions_file(y.captions_file, label_names) if y.captions_file else None
     per_class = y.per_class
     if per_class is not None and hasattr(per_class, "items"):

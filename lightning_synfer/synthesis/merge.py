@@ -85,7 +85,7 @@ def merge(out: str | os.PathLike, label_names: Sequence[str], au_names: Sequence
         if header["label_names"] != list(label_names) or header.get("au_names", []) != list(au_names):
             raise ValueError(f"{out}/{HEADER_FILE}: label_names/au_names {header['label_names']}/"
                              f"{header.get('au_names')} differ from the generator's {list(label_names)}/"
-                             f"{list(au_names)}; write to a new synth.out")
+                             f"{list(au_names)}; write to a new synthesis.out")
     if newest_version(out) > 1:
         log.warning("%s: newer manifest versions exist (relabelled); rewriting version 1 only", out)
     path = write_manifest(out, records, version=1, overwrite=True)
@@ -103,8 +103,8 @@ def check_info(out: str | os.PathLike, info: Mapping[str, Any], *, write: bool) 
         diff = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {current.get(k)!r}" for k in diff)[:1500]
-            raise ValueError(f"synth.out={out} holds images made with other settings ({shown}). "
-                             f"Resume with the same settings, or write to a new synth.out")
+            raise ValueError(f"synthesis.out={out} holds images made with other settings ({shown}). "
+                             f"Resume with the same settings, or write to a new synthesis.out")
         return
     if write:
         atomic_write_json(path, dict(info))

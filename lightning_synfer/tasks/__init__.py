@@ -26,11 +26,14 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
     "knn": ("lightning_synfer.tasks.knn:run", "ssl/embedded_linear",
             "weighted kNN of an SSL checkpoint's features (ckpt=...): bank data.train, queries data.test"),
     "synthesize": ("lightning_synfer.tasks.synthesize:run", "generator/synthesize_embedded",
-                   "generate a labelled synthetic face set (gen.ckpt=... synth.num_images=N synth.out=DIR); resumable"),
+                   "generate a labelled synthetic face set (synthesis.generator=... synthesis.num_images=N "
+                   "synthesis.out=DIR); resumable"),
     "evaluate-generation": ("lightning_synfer.tasks.evaluate_generation:run", "generator/evaluate_generation",
-                            "judge a synthetic set (synth.dir=DIR judge.ckpt=... [real.root=DIR]): FER acc, AU error, FID/KID"),
+                            "judge a synthetic set (generation_eval.dataset=DIR generation_eval.judge=... "
+                            "[generation_eval.real.root=DIR]): FER acc, AU error, FID/KID"),
     "label": ("lightning_synfer.tasks.label:run", "labeler/rectify",
-              "rectify a synthetic set's labels (synth.dir=DIR labelers=[CKPT,...] [label.min_confidence=P]); "
+              "rectify a synthetic set's labels (labeling.dataset=DIR labeling.ensemble=[CKPT,...] "
+              "[labeling.min_confidence=P]); "
               "writes manifest.v<N>.jsonl; resumable"),
     "sweep": ("lightning_synfer.tasks.sweep:run", "sweeps/embedded_ratio",
               "a grid of fit runs (sweep.grid.KEY=[v1,v2] ...; sweep.launcher=local|slurm); reruns skip finished points"),

@@ -1,4 +1,5 @@
-"""`python run.py synthesize gen.ckpt=PATH synth.num_images=N synth.out=DIR [sg.enabled=true sg.ckpt=...]`.
+"""`python run.py synthesize synthesis.generator=PATH synthesis.num_images=N synthesis.out=DIR
+[guidance.enabled=true guidance.classifier=CKPT] [synthesis.layout.enabled=true synthesis.layout.root=DIR]`.
 
 Specs (sampling/specs.py) -> a Dataset -> trainer.predict with Lightning's distributed sampler ->
 SynthesisWriter (images + per-rank manifest parts) -> rank 0 merges into the synthetic dataset format.
@@ -18,7 +19,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_synfer.config.compose import ConfigError, to_container
+from lightning_synfer.config.compose import to_container
+from lightning_synfer.config.errors import ConfigError
 from lightning_synfer.sampling.ddim import DDIMSampler, SamplerSettings
 from lightning_synfer.sampling.guidance import SemanticGuidance
 from lightning_synfer.sampling.inversion import (ddim_invert, image_geometry, inverted_steps, list_layout_images,
@@ -122,13 +124,14 @@ def generator_id(path: Optional[str]) -> str:
 
 
 def load_generator(cfg: DictConfig) -> Any:
-    if not cfg.gen.ckpt:
-        raise ConfigError("synthesize needs gen.ckpt=PATH (a generator export folder or .ckpt from `fit`)")
-    if not os.path.exists(cfg.gen.ckpt):
-        raise FileNotFoundError(f"gen.ckpt={cfg.gen.ckpt}: no such file or folder")
+    path = cfg.synthesis.generator
+    if not path:
+        raise ConfigError("synthesize needs synthesis.generator=PATH (a generator export folder or .ckpt from `fit`)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"synthesis.generator={path}: no such file or folder")
     from lightning_synfer.modules.generator import GeneratorModule
 
-    return GeneratorModule.load(cfg.gen.ckpt)
+    return GeneratorModule.load(path)
 
 
 def synthesis_info(cfg: DictConfig, specs: Sequence[Spec], gen_id: str) -> dict[str, Any]:
@@ -136,25 +139,39 @@ def synthesis_info(cfg: DictConfig, specs: Sequence[Spec], gen_id: str) -> dict[
     blob = json.dumps([s.to_dict() for s in specs], sort_keys=True).encode()
     c = to_container(cfg)
     return {"specs_sha256": hashlib.sha256(blob).hexdigest(), "num_specs": len(specs), "generator": gen_id,
-            "sampling": c["sampling"], "sg": c["sg"],
-            "layout": c["layout"] if cfg.layout.enabled else {"enabled": False}}
+            "sampling": c["sampling"], "guidance": c["guidance"],
+            "layout": c["synthesis"]["layout"] if cfg.synthesis.layout.enabled else {"enabled": False}}
+
+
+def synthesis_module(cfg: DictConfig, gen: Any, gen_id: str, label_names: Sequence[str]) -> SynthesisModule:
+    """The generator with the sampler settings, semantic guidance and layout start of the config."""
+    layout = cfg.synthesis.layout
+    layout_paths = None
+    if layout.enabled:
+        if not layout.root:
+            raise ConfigError("synthesis.layout.enabled=true needs synthesis.layout.root=DIR (a folder of real faces)")
+        layout_paths = list_layout_images(layout.root, layout.format, layout.split, key="synthesis.layout.root")
+    return SynthesisModule(gen, SamplerSettings.from_config(cfg.sampling),
+                           guidance=SemanticGuidance.from_config(cfg.guidance, label_names), layout_paths=layout_paths,
+                           layout_strength=layout.strength, generator_id=gen_id)
 
 
 def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, generator: Any = None,
         callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """`generator`: an already built GeneratorModule (tests, notebooks) instead of gen.ckpt."""
-    if not cfg.synth.out:
-        raise ConfigError("synthesize needs synth.out=DIR (the synthetic dataset folder to write or resume)")
+    """`generator`: an already built GeneratorModule (tests, notebooks) instead of synthesis.generator."""
+    if not cfg.synthesis.out:
+        raise ConfigError("synthesize needs synthesis.out=DIR (the synthetic dataset folder to write or resume)")
     gen = generator if generator is not None else load_generator(cfg)
     # eval() only: GeneratorModule's EMA swap reads the trainable set from requires_grad, so no freezing here
     # (sampling runs under no_grad; semantic guidance differentiates w.r.t. the text embedding only).
     gen.eval()
-    gen_id = generator_id(cfg.gen.ckpt) if generator is None else getattr(gen, "generator_id", "in-memory")
+    gen_id = generator_id(cfg.synthesis.generator) if generator is None else getattr(gen, "generator_id",
+                                                                                     "in-memory")
     run_dir = start_run(cfg, argv)
     label_names = list(gen.label_names)
     au_names = list(gen.au_names) if getattr(gen, "au_adapter", None) is not None else []
     specs = specs_from_config(cfg, label_names, au_names)
-    out = str(cfg.synth.out)
+    out = str(cfg.synthesis.out)
     os.makedirs(out, exist_ok=True)
     from lightning_synfer.runs import is_global_zero
 
@@ -166,27 +183,18 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, generator: Any = N
     size, channels = _geometry(gen)
     header_meta = {"image_size": size, "channels": channels, "generator": gen_id}
 
-    guidance = SemanticGuidance.from_config(cfg.sg, label_names)
-    layout_paths = None
-    if cfg.layout.enabled:
-        if not cfg.layout.root:
-            raise ConfigError("layout.enabled=true needs layout.root=DIR (a folder of real faces)")
-        layout_paths = list_layout_images(cfg.layout.root, cfg.layout.format, cfg.layout.split)
-    settings = SamplerSettings.from_config(cfg.sampling)
-
+    module = synthesis_module(cfg, gen, gen_id, label_names)
     t0 = time.perf_counter()
     merged = None
     if remaining:
-        module = SynthesisModule(gen, settings, guidance=guidance, layout_paths=layout_paths,
-                                 layout_strength=cfg.layout.strength, generator_id=gen_id)
-        writer = SynthesisWriter(out, label_names=label_names, au_names=au_names, shard_size=cfg.synth.shard_size,
-                                 expected_ids=expected, header_meta=header_meta)
-        loader = DataLoader(SpecDataset(remaining), batch_size=cfg.synth.batch_size, shuffle=False,
+        writer = SynthesisWriter(out, label_names=label_names, au_names=au_names,
+                                 shard_size=cfg.synthesis.shard_size, expected_ids=expected, header_meta=header_meta)
+        loader = DataLoader(SpecDataset(remaining), batch_size=cfg.synthesis.batch_size, shuffle=False,
                             num_workers=0, collate_fn=collate_specs)
         trainer = build_trainer(cfg, run_dir, use_distributed_sampler=True, monitor=None, enable_checkpointing=False,
                                 callbacks=[writer, *callbacks], logger=False,
                                 # Guidance differentiates through the UNet: predict must not run in inference mode.
-                                inference_mode=guidance is None)
+                                inference_mode=module.guidance is None)
         if trainer.is_global_zero:
             print(f"[synfer] synthesize: {len(remaining)} of {len(specs)} images to generate "
                   f"({len(specs) - len(remaining)} already in {out})", flush=True)
@@ -203,7 +211,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, generator: Any = N
     metrics = {"task": "synthesize", "out": out, "generator": gen_id, "num_specs": len(specs),
                "num_records": len(records), "num_new": new, "num_resumed": len(done & expected),
                "wall_time_s": wall, "images_per_s": new / wall if wall > 0 else None,
-               "sg": bool(cfg.sg.enabled), "layout": bool(cfg.layout.enabled),
+               "guidance": bool(cfg.guidance.enabled), "layout": bool(cfg.synthesis.layout.enabled),
                "complete": len(records) == len(specs), **peak_memory_mb()}
     if merged is not None:
         metrics["merged"] = merged

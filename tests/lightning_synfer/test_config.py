@@ -1,3 +1,7 @@
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 
 from lightning_synfer.config import ConfigError, compose, list_experiments
@@ -103,3 +107,108 @@ def test_small_input_drops_the_resnet_maxpool_and_rejects_others():
     assert plain.forward_features(x).shape[-1] == 1 and small.forward_features(x).shape[-1] == 2
     with pytest.raises(ValueError, match="small_input"):
         create_backbone("vit_tiny_patch16_224", in_chans=1, small_input=True, img_size=32)
+
+
+# -- renamed keys: the old name fails with the new one -------------------------------------------------------
+
+@pytest.mark.parametrize("old, new", [
+    ("gen.ckpt=X", "'gen.ckpt' was renamed to 'synthesis.generator'"),
+    ("sg.ckpt=X", "'sg.ckpt' was renamed to 'guidance.classifier'"),
+    ("sg.window=0.5", "'sg.window' was renamed to 'guidance.window'"),
+    ("synth.num_images=3", "'synth.num_images' was renamed to 'synthesis.num_images'"),
+    ("synth.dir=X", "'synth.dir' was renamed to 'generation_eval.dataset' or 'labeling.dataset'"),
+    ("layout.root=X", "'layout.root' was renamed to 'synthesis.layout.root'"),
+    ("judge.ckpt=X", "'judge.ckpt' was renamed to 'generation_eval.judge'"),
+    ("judge.features=inception", "'judge.features' was renamed to 'generation_eval.features'"),
+    ("real.root=X", "'real.root' was renamed to 'generation_eval.real.root'"),
+    ("label.mode=none", "'label.mode' was renamed to 'labeling.mode'"),
+    ("labelers=[a,b]", "'labelers' was renamed to 'labeling.ensemble'"),
+    ("sg={enabled: true, ckpt: X}", "'sg.enabled' was renamed to 'guidance.enabled'"),  # a mapping value: its leaves
+])
+def test_renamed_key_on_the_command_line_names_the_new_key(old, new):
+    with pytest.raises(ConfigError, match="^command line: config key " + re.escape(new) + "$"):
+        compose("generator/synthesize_embedded", [old])
+
+
+def test_cli_prints_the_new_key_of_a_renamed_one(capsys):
+    from lightning_synfer.cli import main
+
+    assert main(["synthesize", "gen.ckpt=X"]) == 2
+    assert "error: command line: config key 'gen.ckpt' was renamed to 'synthesis.generator'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def experiments_copy(tmp_path, monkeypatch):
+    """A copy of experiments/ that a test may add files to (compose reads SYNFER_EXPERIMENTS_DIR)."""
+    from lightning_synfer.config.compose import experiments_dir
+
+    root = Path(shutil.copytree(experiments_dir(), tmp_path / "experiments"))
+    monkeypatch.setenv("SYNFER_EXPERIMENTS_DIR", str(root))
+    return root
+
+
+def test_renamed_key_in_an_experiment_file_names_the_file_and_the_new_key(experiments_copy):
+    old = experiments_copy / "generator" / "old_keys.yaml"
+    old.write_text("defaults:\n  - generator/synthesize_sg\nsg: {ckpt: guide.ckpt}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{old}: config key 'sg.ckpt' was renamed to 'guidance.classifier'")):
+        compose("generator/old_keys")
+    # A parent experiment's old key is reported too, naming the parent's file.
+    child = experiments_copy / "generator" / "child.yaml"
+    child.write_text("defaults:\n  - generator/old_keys\nnotes: child\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{old}: config key 'sg.ckpt'")):
+        compose("generator/child")
+    old.write_text("defaults:\n  - generator/synthesize_sg\nguidance: {classifier: guide.ckpt}\n")
+    assert compose("generator/child").guidance.classifier == "guide.ckpt"
+
+
+def test_renamed_keys_point_from_outside_the_schema_into_it():
+    """Every old key is gone from the schema (else it could not fail) and every new one is in it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    from lightning_synfer.config import Config
+    from lightning_synfer.config.compose import RENAMED_KEYS
+
+    schema = OmegaConf.structured(Config)
+
+    def in_schema(key: str) -> bool:
+        try:
+            OmegaConf.merge(schema, OmegaConf.from_dotlist([f"{key}=null"]))
+        except (ConfigKeyError, ConfigAttributeError):
+            return False
+        except ValidationError:  # a key that exists but takes no null
+            pass
+        return True
+
+    for old, new in RENAMED_KEYS.items():
+        assert not in_schema(old), old
+        for key in (new,) if isinstance(new, str) else new:
+            assert in_schema(key), (old, key)
+
+
+# -- choices: Enum-typed fields, refused at merge time -------------------------------------------------------
+
+def test_bad_choice_from_the_command_line_names_key_value_and_choices():
+    with pytest.raises(ConfigError, match=r"^command line: config key 'optim.name' = 'adam': expected adamw, sgd or lars$"):
+        compose("supervised/embedded", ["optim.name=adam"])
+    with pytest.raises(ConfigError, match=r"config key 'generator.frozen_dtype' = 'int8': expected fp32, bf16 or fp16"):
+        compose("generator/embedded", ["generator.frozen_dtype=int8"])
+
+
+def test_bad_choice_in_an_experiment_file_names_the_file(experiments_copy):
+    bad = experiments_copy / "supervised" / "bad_choice.yaml"
+    bad.write_text("defaults:\n  - supervised/embedded\ndata:\n  augment: {preset: heavy}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: config key 'data.augment.preset' = 'heavy': "
+                                                    f"expected fer, light or none")):
+        compose("supervised/bad_choice")
+
+
+def test_choices_compare_as_strings_and_reach_modules_as_plain_strings():
+    from lightning_synfer.config import to_container
+
+    cfg = compose("supervised/embedded", ["optim.name=sgd", "data.on_bad_image=error"])
+    assert cfg.optim.name == "sgd" and cfg.data.on_bad_image == "error" and f"{cfg.optim.name}" == "sgd"
+    assert {"sgd": 1}[cfg.optim.name] == 1
+    plain = to_container(cfg)
+    assert type(plain["optim"]["name"]) is str and plain["optim"]["name"] == "sgd"
+    assert type(plain["data"]["on_bad_image"]) is str

@@ -57,10 +57,11 @@ def _roots(cfg) -> dict[str, str]:
         ds = cfg.data.get(split)
         if ds is not None and ds.root is not None:
             out[f"data.{split}.root"] = ds.root
-    for key, value in (("real.root", cfg.real.root), ("synth.out", cfg.synth.out),
+    for key, value in (("generation_eval.real.root", cfg.generation_eval.real.root),
+                       ("synthesis.out", cfg.synthesis.out),
                        ("model.pretrained_path", cfg.model.pretrained_path),
                        ("generator.pretrained_path", cfg.generator.pretrained_path),
-                       ("judge.inception_weights", cfg.judge.inception_weights)):
+                       ("generation_eval.inception_weights", cfg.generation_eval.inception_weights)):
         if value is not None:
             out[key] = value
     return out
@@ -133,17 +134,17 @@ def test_generators_differ_only_in_the_ablated_part(configs):
 def test_synthesis_rows_and_downstream_sets_agree(configs):
     for row in ABLATION_ROWS:
         synth = configs[f"paper/synthesize/{row}"]
-        assert synth.sg.enabled == (row == "synfer"), row
+        assert synth.guidance.enabled == (row == "synfer"), row
         assert not synth.sampling.clip_sample  # latent space
-        assert synth.synth.out.startswith(synth.paths.synthetic)
+        assert synth.synthesis.out.startswith(synth.paths.synthetic)
         for d in DATASETS:
             down = configs[f"paper/ablation/{d}_{row}"]
-            assert down.data.synthetic.root == synth.synth.out, (row, d)
+            assert down.data.synthetic.root == synth.synthesis.out, (row, d)
             assert down.data.mix.synthetic_ratio > 0 and down.model.backbone == "resnet50"
             assert down.data.train.format == d
-    assert len({configs[f"paper/synthesize/{r}"].synth.out for r in ABLATION_ROWS}) == len(ABLATION_ROWS)
+    assert len({configs[f"paper/synthesize/{r}"].synthesis.out for r in ABLATION_ROWS}) == len(ABLATION_ROWS)
     big = configs["paper/synthesize/synfer_1m"]
-    assert big.synth.out == big.paths.synthetic and big.synth.num_images == 1_000_000 and big.sg.enabled
+    assert big.synthesis.out == big.paths.synthetic and big.synthesis.num_images == 1_000_000 and big.guidance.enabled
 
 
 def test_supervised_real_and_synthetic(configs):
@@ -172,7 +173,8 @@ def test_generation_judge_and_evaluation(configs):
     assert judge.model.au_head and judge.data.train.format == "synthetic"  # FEText AU labels
     assert judge.model.backbone != configs["paper/supervised/affectnet_resnet50"].model.backbone  # not the guide
     ev = configs["paper/generation/evaluate"]
-    assert ev.judge.features == "inception" and ev.real.format == "affectnet" and ev.real.root == ev.paths.affectnet
+    real = ev.generation_eval.real
+    assert ev.generation_eval.features == "inception" and real.format == "affectnet" and real.root == ev.paths.affectnet
 
 
 def test_ssl_wrappers_are_thin(configs):

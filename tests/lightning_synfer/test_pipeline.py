@@ -142,7 +142,7 @@ def test_after_must_name_an_earlier_stage(tmp_path):
 SMOKE = [
     "trainer.max_epochs=1", "trainer.max_steps=2", "data.batch_size=8", "data.eval_batch_size=16",
     "data.train.num_images=16", "data.val.num_images=16", "data.test.num_images=16",
-    "synth.num_images=16", "synth.batch_size=8", "sampling.steps=2", "ssl.online.knn_bank_size=16",
+    "synthesis.num_images=16", "synthesis.batch_size=8", "sampling.steps=2", "ssl.online.knn_bank_size=16",
 ]
 
 

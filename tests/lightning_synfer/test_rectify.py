@@ -107,9 +107,9 @@ def labelers(tmp_path_factory):
 
 
 def _args(tmp_path, root, labelers, *extra):
-    return ["trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0", "label.batch_size=3",
-            f"paths.runs_dir={tmp_path / 'runs'}", f"synth.dir={root}",
-            f"labelers=[{','.join(str(p) for p in labelers)}]", *extra]
+    return ["trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0", "labeling.batch_size=3",
+            f"paths.runs_dir={tmp_path / 'runs'}", f"labeling.dataset={root}",
+            f"labeling.ensemble=[{','.join(str(p) for p in labelers)}]", *extra]
 
 
 class CrashAfter(Callback):
@@ -153,7 +153,7 @@ def test_label_task_interrupted_run_resumes_and_writes_v2(tmp_path, labelers):
     # The same command again: nothing new. Another threshold: reuses the predictions, writes v3.
     again = label.run(compose("labeler/rectify", args))
     assert again["already_done"] and again["version"] == 2 and not (root / "manifest.v3.jsonl").exists()
-    third = label.run(compose("labeler/rectify", [*args, "label.min_confidence=1.0"]))
+    third = label.run(compose("labeler/rectify", [*args, "labeling.min_confidence=1.0"]))
     assert third["version"] == 3 and third["num_predicted_now"] == 0 and third["num_kept"] == 0
     assert not [n for n in os.listdir(root) if "tmp" in n]
 
@@ -161,13 +161,13 @@ def test_label_task_interrupted_run_resumes_and_writes_v2(tmp_path, labelers):
 def test_no_labeler_mode_keeps_intended_labels_and_bad_input_is_one_line(tmp_path, labelers, capsys):
     root = make_synthetic_set(tmp_path / "set", n=5, num_classes=7, size=8, mode="L")
     assert main(["label", "experiment=labeler/no_labeler", f"paths.runs_dir={tmp_path / 'runs'}",
-                 f"synth.dir={root}", "trainer=cpu"]) == 0
+                 f"labeling.dataset={root}", "trainer=cpu"]) == 0
     _, records = read_manifest(str(root))
     assert [r["label_source"] for r in records] == ["intended"] * 5 and "label_soft" not in records[0]
-    assert main(["label", f"paths.runs_dir={tmp_path / 'runs'}", f"synth.dir={root}"]) == 2
-    assert "labelers=[CKPT" in capsys.readouterr().err
-    assert main(["label", f"paths.runs_dir={tmp_path / 'runs'}", f"synth.dir={root}",
-                 f"labelers=[{tmp_path / 'missing.ckpt'}]"]) == 2
+    assert main(["label", f"paths.runs_dir={tmp_path / 'runs'}", f"labeling.dataset={root}"]) == 2
+    assert "labeling.ensemble=[CKPT" in capsys.readouterr().err
+    assert main(["label", f"paths.runs_dir={tmp_path / 'runs'}", f"labeling.dataset={root}",
+                 f"labeling.ensemble=[{tmp_path / 'missing.ckpt'}]"]) == 2
 
 
 @pytest.mark.ddp

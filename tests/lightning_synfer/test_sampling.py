@@ -162,7 +162,7 @@ def test_semantic_guidance_raises_target_probability(gen):
 
 
 def test_guidance_window_is_validated_and_counts_last_steps():
-    with pytest.raises(ValueError, match="sg.window"):
+    with pytest.raises(ValueError, match="guidance.window"):
         SemanticGuidance(Brightness(), 0.1, 0.0)
     sg = SemanticGuidance(Brightness(), 0.1, 0.25)
     assert [sg.active(i, 8) for i in range(8)] == [False] * 6 + [True] * 2
@@ -174,9 +174,9 @@ def test_guidance_window_config_error():
     from lightning_synfer.config.compose import ConfigError
 
     for bad in ("0", "1.5", "-0.2"):
-        with pytest.raises(ConfigError, match=r"sg.window.*\(0, 1\]"):
-            compose("supervised/embedded", [f"sg.window={bad}"])
-    assert compose("supervised/embedded", ["sg.window=1.0"]).sg.window == 1.0
+        with pytest.raises(ConfigError, match=r"guidance.window.*\(0, 1\]"):
+            compose("supervised/embedded", [f"guidance.window={bad}"])
+    assert compose("supervised/embedded", ["guidance.window=1.0"]).guidance.window == 1.0
 
 
 def test_inversion_roughly_reconstructs(gen):
@@ -214,7 +214,7 @@ def test_specs_class_balance_and_determinism():
     # Counts per class (list or mapping), and the training prior when not balanced.
     assert class_counts(0, names, {"happy": 3, "sad": 2}) == [0, 3, 2, 0, 0, 0, 0]
     assert class_counts(10, names, None, class_balanced=False, prior=[1, 1, 0, 0, 0, 0, 0]) == [5, 5, 0, 0, 0, 0, 0]
-    with pytest.raises(ValueError, match="synth.per_class"):
+    with pytest.raises(ValueError, match="synthesis.per_class"):
         class_counts(5, names, [1, 2])
     # Empirical AUs come from the class's own training faces.
     stats = AUStats({"happy": np.full((3, len(AU_NAMES)), 0.25)}, AU_NAMES)
@@ -249,31 +249,33 @@ def test_specs_take_captions_from_the_file_per_class_and_by_seed(tmp_path):
     # The same through the synthesis config key.
     from lightning_synfer.config import compose
 
-    cfg = compose("generator/synthesize_embedded", [f"synth.captions_file={path}", "synth.au_source=emfacs",
-                                                    "synth.num_images=70", "synth.seed=1"])
+    cfg = compose("generator/synthesize_embedded", [f"synthesis.captions_file={path}", "synthesis.au_source=emfacs",
+                                                    "synthesis.num_images=70", "synthesis.seed=1"])
     assert [s.to_dict() for s in specs_from_config(cfg, names, AU_NAMES)] == [s.to_dict() for s in specs]
 
 
 def test_bad_captions_file_names_the_file(tmp_path):
     names = list(CANONICAL_8[:7])
     missing = tmp_path / "nope.txt"
-    with pytest.raises(FileNotFoundError, match=re.escape(f"synth.captions_file={missing}: no such file")):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"synthesis.captions_file={missing}: no such file")):
         read_captions_file(str(missing), names)
     bad = tmp_path / "bad.txt"
     bad.write_text("a {expression} face\nhapy\ta smiling face\n")
     with pytest.raises(ValueError, match=re.escape(f"'hapy' in {bad}:2") + r".*Did you mean 'happy'"):
         read_captions_file(str(bad), names)
     bad.write_text("# only a comment\n\n")
-    with pytest.raises(ValueError, match=re.escape(f"synth.captions_file={bad}: no captions")):
+    with pytest.raises(ValueError, match=re.escape(f"synthesis.captions_file={bad}: no captions")):
         read_captions_file(str(bad), names)
     bad.write_text("happy\ta smiling face\n")  # pinned lines only, and not for every class
-    with pytest.raises(ValueError, match=re.escape(f"synth.captions_file={bad}: no caption for classes ['neutral'")):
+    with pytest.raises(ValueError,
+                       match=re.escape(f"synthesis.captions_file={bad}: no caption for classes ['neutral'")):
         read_captions_file(str(bad), names)
     bad.write_bytes(b"\xff\xfe\x00a caption in UTF-16\n")
-    with pytest.raises(ValueError, match=re.escape(f"synth.captions_file={bad}: not UTF-8 text")):
+    with pytest.raises(ValueError, match=re.escape(f"synthesis.captions_file={bad}: not UTF-8 text")):
         read_captions_file(str(bad), names)
     bad.write_text("a {expression} face\nhappy\t\n")  # a pinned line with nothing after the tab
-    with pytest.raises(ValueError, match=re.escape(f"synth.captions_file={bad}:2: class 'happy' has an empty caption")):
+    with pytest.raises(ValueError,
+                       match=re.escape(f"synthesis.captions_file={bad}:2: class 'happy' has an empty caption")):
         read_captions_file(str(bad), names)
 
 

@@ -34,8 +34,8 @@ def gen_export(tmp_path_factory):
 def _overrides(tmp_path, export, out, *extra):
     return ["trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0", "data.image_size=16",
             "data.train.num_images=32", f"paths.runs_dir={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}",
-            f"gen.ckpt={export}", f"synth.out={out}", "synth.batch_size=2", "sampling.steps=2", "synth.shard_size=4",
-            *extra]
+            f"synthesis.generator={export}", f"synthesis.out={out}", "synthesis.batch_size=2", "sampling.steps=2",
+            "synthesis.shard_size=4", *extra]
 
 
 class CrashAfter(Callback):
@@ -62,7 +62,7 @@ def _part_lines(out: Path) -> list[dict]:
 
 def test_interrupted_synthesis_resumes_to_exactly_n_unique_records(tmp_path, gen_export):
     out = tmp_path / "synth"
-    args = _overrides(tmp_path, gen_export, out, "synth.num_images=7")
+    args = _overrides(tmp_path, gen_export, out, "synthesis.num_images=7")
     cfg = compose("generator/synthesize_embedded", args)
     with pytest.raises(RuntimeError, match="simulated preemption"):
         synthesize.run(cfg, callbacks=[CrashAfter(2)])
@@ -87,14 +87,14 @@ def test_interrupted_synthesis_resumes_to_exactly_n_unique_records(tmp_path, gen
     assert main(["synthesize", "experiment=generator/synthesize_embedded", *args]) == 0
     assert read_manifest(str(out))[1] == records
     # Other settings into the same folder are refused instead of mixing two sets.
-    assert main(["synthesize", "experiment=generator/synthesize_embedded", *args, "synth.seed=5"]) == 2
+    assert main(["synthesize", "experiment=generator/synthesize_embedded", *args, "synthesis.seed=5"]) == 2
 
 
 @pytest.mark.ddp
 def test_two_process_synthesis_writes_disjoint_parts(tmp_path, gen_export, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks start their own torch
     out = tmp_path / "synth"
-    args = _overrides(tmp_path, gen_export, out, "synth.num_images=6", "trainer.accelerator=cpu",
+    args = _overrides(tmp_path, gen_export, out, "synthesis.num_images=6", "trainer.accelerator=cpu",
                       "trainer.devices=2", "trainer.strategy=ddp_spawn")
     synthesize.run(compose("generator/synthesize_embedded", args))
     by_rank = {}
@@ -128,9 +128,9 @@ def test_evaluate_generation_reports_fer_au_fid_kid(tmp_path):
     for i in range(10):
         write_image(real / f"{i}.png", size=24, mode="L", seed=100 + i)
     judge = _judge_ckpt(tmp_path)
-    argv = ["evaluate-generation", f"synth.dir={synth}", f"judge.ckpt={judge}", f"real.root={real}",
-            "judge.kid_subset_size=5", "judge.batch_size=6", f"paths.runs_dir={tmp_path / 'runs'}",
-            "trainer.enable_progress_bar=false"]
+    argv = ["evaluate-generation", f"generation_eval.dataset={synth}", f"generation_eval.judge={judge}",
+            f"generation_eval.real.root={real}", "generation_eval.kid_subset_size=5", "generation_eval.batch_size=6",
+            f"paths.runs_dir={tmp_path / 'runs'}", "trainer.enable_progress_bar=false"]
     assert main(argv) == 0
     metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
     assert metrics["num_images"] == 14 and metrics["excluded_classes"] == {"contempt": 2}
@@ -143,7 +143,7 @@ def test_evaluate_generation_reports_fer_au_fid_kid(tmp_path):
     assert metrics["fid"] is not None and metrics["fid"] >= -1e-6 and metrics["kid"] is not None
     assert metrics["num_real"] == 10 and metrics["fid_features"].startswith("backbone:")
     # Inception needs local weights: a clear config error, no download.
-    assert main([*argv, "judge.features=inception"]) == 2
+    assert main([*argv, "generation_eval.features=inception"]) == 2
 
 
 def test_synthesis_with_semantic_guidance_and_layout_start(tmp_path, gen_export):
@@ -152,15 +152,16 @@ def test_synthesis_with_semantic_guidance_and_layout_start(tmp_path, gen_export)
         write_image(faces / f"face{i}.png", size=24, mode="L", seed=i)
     judge = _judge_ckpt(tmp_path)  # 7 classes: contempt specs are sampled unguided
     out = tmp_path / "synth"
-    args = _overrides(tmp_path, gen_export, out, "synth.num_images=4", "sg.enabled=true", f"sg.ckpt={judge}",
-                      "sg.window=1.0", "sg.scale=0.5", "layout.enabled=true", f"layout.root={faces}",
-                      "layout.strength=0.5", "sampling.steps=2")
+    args = _overrides(tmp_path, gen_export, out, "synthesis.num_images=4", "guidance.enabled=true",
+                      f"guidance.classifier={judge}", "guidance.window=1.0", "guidance.scale=0.5",
+                      "synthesis.layout.enabled=true", f"synthesis.layout.root={faces}",
+                      "synthesis.layout.strength=0.5", "sampling.steps=2")
     metrics = synthesize.run(compose("generator/synthesize_sg", args))
-    assert metrics["complete"] and metrics["sg"] and metrics["layout"] and metrics["num_new"] == 4
+    assert metrics["complete"] and metrics["guidance"] and metrics["layout"] and metrics["num_new"] == 4
     _, records = read_manifest(str(out))
     assert len(records) == 4 and all(r["layout"] in {"face0.png", "face1.png", "face2.png"} for r in records)
     info = json.loads((out / "synthesis.json").read_text())
-    assert info["sg"]["enabled"] and info["layout"]["strength"] == 0.5
+    assert info["guidance"]["enabled"] and info["layout"]["strength"] == 0.5
 
 
 def test_real_generator_sampling_is_deterministic(gen_export):
@@ -189,7 +190,7 @@ class PostfixSpy(Callback):
 
 def test_progress_bar_shows_images_per_second(tmp_path, gen_export, capsys):
     spy = PostfixSpy()
-    args = _overrides(tmp_path, gen_export, tmp_path / "synth", "synth.num_images=4",
+    args = _overrides(tmp_path, gen_export, tmp_path / "synth", "synthesis.num_images=4",
                       "trainer.enable_progress_bar=true")
     synthesize.run(compose("generator/synthesize_embedded", args), callbacks=[spy])
     assert len(spy.postfixes) == 2  # 4 images, batches of 2

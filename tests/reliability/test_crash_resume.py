@@ -185,8 +185,8 @@ def test_synthesis_sigkill_then_rerun_gives_exactly_n_unique_records(tmp_path):
     out, n = tmp_path / "synth", 24
     args = ["synthesize", "experiment=generator/synthesize_embedded", "trainer=cpu", "trainer.enable_progress_bar=false",
             "data.num_workers=0", "data.image_size=16", "data.train.num_images=32", f"paths.runs_dir={tmp_path / 'runs'}",
-            f"paths.cache_dir={tmp_path / 'cache'}", f"gen.ckpt={export}", f"synth.out={out}", f"synth.num_images={n}",
-            "synth.batch_size=2", "sampling.steps=2", "synth.shard_size=8"]
+            f"paths.cache_dir={tmp_path / 'cache'}", f"synthesis.generator={export}", f"synthesis.out={out}",
+            f"synthesis.num_images={n}", "synthesis.batch_size=2", "sampling.steps=2", "synthesis.shard_size=8"]
     proc = launch(args, tmp_path / "synth.log")
     kill_at = random.Random(f"{SEED}-synth").randint(2, 8)
     try:
@@ -247,8 +247,9 @@ def test_label_sigkill_then_rerun_gives_exactly_n_unique_records(tmp_path):
     ckpt = {"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams)}
     clf.on_save_checkpoint(ckpt)
     torch.save(ckpt, tmp_path / "clf.ckpt")
-    args = ["label", "trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0", "label.batch_size=1",
-            f"paths.runs_dir={tmp_path / 'runs'}", f"synth.dir={root}", f"labelers=[{tmp_path / 'clf.ckpt'}]"]
+    args = ["label", "trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0", "labeling.batch_size=1",
+            f"paths.runs_dir={tmp_path / 'runs'}", f"labeling.dataset={root}",
+            f"labeling.ensemble=[{tmp_path / 'clf.ckpt'}]"]
 
     proc = launch(args, tmp_path / "label.log")
     kill_at = random.Random(f"{SEED}-label").randint(2, 10)
