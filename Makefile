@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --no-compile -e ".[dev]"
-	$(BIN)/python -c "from lightning_synfer.sweeps.launchers import preload_for_fork as p; p()"
+	$(BIN)/python -c "from lightning_synfer.scheduling.executors import preload as p; p()"
 	touch $(STAMP)
 
 install: $(STAMP)

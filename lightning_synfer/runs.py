@@ -257,9 +257,3 @@ def resolve_resume_checkpoint(cfg: DictConfig, run: RunDir) -> Optional[str]:
     if not path.is_file():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
     return str(path)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(run_dir) / "metrics.json"
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)

@@ -2,7 +2,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
+
+from lightning_synfer.config.errors import check
+from lightning_synfer.config.sweep import SlurmConfig, check_parallel, check_start_method, timeout_minutes
+
+EXECUTORS = ("local", "slurm")
+
+
+@dataclass
+class StageResources:
+    """What one stage asks SLURM for (`pipeline.executor=slurm`); null: the `pipeline.slurm` default."""
+
+    gpus: Optional[int] = None  # GPUs per node
+    nodes: Optional[int] = None
+    time: Optional[str] = None  # [D-]HH:MM:SS
+    partition: Optional[str] = None
+    cpus: Optional[int] = None  # CPUs per task
+    mem: Optional[str] = None  # e.g. 64G per node
 
 
 @dataclass
@@ -18,6 +35,7 @@ class StageConfig:
     # Stages this one waits for besides those whose artifacts it reads: inputs passed another way
     # (the render stage's cache files). With pipeline.parallel > 1 independent stages overlap.
     after: List[str] = field(default_factory=list)
+    resources: StageResources = field(default_factory=StageResources)
 
 
 @dataclass
@@ -27,9 +45,29 @@ class PipelineConfig:
     force: List[str] = field(default_factory=list)  # applied to every stage AFTER its own (shrinking for smoke runs)
     stages: List[StageConfig] = field(default_factory=list)
     # 1: stages one by one in this process. N > 1: each stage its own `run.py` process, up to N at once,
-    # a stage starting as soon as the stages it depends on are done.
-    parallel: int = 1
+    # a stage starting as soon as the stages it depends on are done. `auto`: N from the CPUs.
+    parallel: Any = 1
     # How a stage process starts when parallel > 1: `spawn` (a fresh `python run.py`, safe everywhere) or
-    # `fork` (a fork of the runner, which has imported torch & co. once: ~10 s less per stage; CPU only).
+    # `forkserver` (a fork of a server that imported torch & co. once: ~10 s less per stage).
     start_method: str = "spawn"
+    # local: stages on this machine (as above). slurm: every stage a SLURM job through submitit, with
+    # `pipeline.slurm` as the defaults and each stage's `resources`; `pipeline.parallel` jobs at once.
+    executor: str = "local"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     report: Dict[str, str] = field(default_factory=dict)  # report builder options (see pipeline/report.py)
+
+
+def validate_pipeline(pipe: Any) -> None:
+    """The pipeline section's own checks (the stage graph is checked by pipeline/runner.py)."""
+    check_parallel(pipe.parallel, "pipeline.parallel")
+    check_start_method(pipe.start_method, "pipeline.start_method")
+    check(pipe.executor in EXECUTORS, "pipeline.executor", pipe.executor, f"one of {', '.join(EXECUTORS)}")
+    for stage in pipe.stages:
+        res = stage.resources
+        key = f"pipeline.stages[{stage.name}].resources"
+        if res.time is not None:
+            timeout_minutes(res.time, f"{key}.time")
+        for name in ("gpus", "nodes", "cpus"):
+            value = res.get(name)
+            if value is not None:
+                check(value >= (0 if name == "gpus" else 1), f"{key}.{name}", value, "a positive number or null")

@@ -6,7 +6,6 @@ Plots: accuracy against synthetic ratio, a sample grid per class of the syntheti
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -197,8 +196,3 @@ def _sample_grid(root: Path, path: Path, per_class: int = 8) -> bool:
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
     return True
-
-
-def load_stages(root: Path) -> dict[str, dict]:
-    data = json.loads((root / "pipeline.json").read_text())
-    return data["stages"]

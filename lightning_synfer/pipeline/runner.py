@@ -1,10 +1,16 @@
 """Run a pipeline of stages with a cache keyed by each stage's config and its inputs.
 
 A stage is an ordinary task (fit, synthesize, label, linear, ...) composed from an experiment plus
-overrides. Its cache key hashes the task, the experiment file's resolved config and the keys of the
-stages whose artifacts it reads, so changing an upstream stage re-runs everything downstream, and a
-rerun reuses every finished stage. A finished stage leaves `stage.json` (written last, atomically);
-a failed stage leaves none and is retried on the next run without redoing the stages before it.
+overrides. Its cache key hashes the task, the stage's composed config (so an edit of its experiment file, or
+of any file that experiment reads, re-runs it) and the keys of the stages it waits for, so changing an upstream
+stage re-runs everything downstream, and a rerun reuses every finished stage. A finished stage leaves
+`stage.json` (written last, atomically); a failed or interrupted stage leaves none and is retried on the next
+run without redoing the stages before it.
+
+The stages run through the scheduler (lightning_synfer/scheduling): in this process (parallel=1), as local
+processes (parallel=N or auto), or as SLURM jobs through submitit (pipeline.executor=slurm, with each stage's
+`resources`). SIGINT/SIGTERM to the runner stops new stages, passes the signal to the running ones, waits for
+them and exits 130/143.
 """
 from __future__ import annotations
 
@@ -13,14 +19,24 @@ import json
 import re
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import atomic_write_json
-from lightning_synfer.config.compose import ConfigError, compose, to_container
+from lightning_synfer.config.compose import compose, to_container
+from lightning_synfer.config.errors import ConfigError
+from lightning_synfer.config.pipeline import validate_pipeline
+from lightning_synfer.scheduling import Job, JobFailed, run_graph
+from lightning_synfer.scheduling.executors import InProcessExecutor, LocalProcessExecutor, resolve_parallel
+from lightning_synfer.scheduling.slurm import SubmititExecutor, slurm_parameters
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)\}")
+
+
+# Stands in for {run} while the cache key is computed: the run dir's name holds the key itself.
+_KEY_RUN_DIR = Path("RUN_DIR_OF_THIS_STAGE")
 
 
 class StageFailed(RuntimeError):
@@ -31,7 +47,8 @@ def _task_function(task: str) -> Callable:
     from lightning_synfer.tasks import TASKS, load
 
     if task not in TASKS or task == "pipeline":
-        raise ConfigError(f"pipeline stage task={task!r}: expected one of {sorted(t for t in TASKS if t != 'pipeline')}")
+        raise ConfigError(f"pipeline stage task={task!r}: expected one of "
+                          f"{sorted(t for t in TASKS if t != 'pipeline')}")
     return load(task)
 
 
@@ -56,16 +73,17 @@ def _substitute(text: str, done: dict[str, dict[str, Any]], run_dir: Path, stage
 
 def stage_key(stage: DictConfig, common: list[str], done: dict[str, dict[str, Any]],
               force: tuple[str, ...] = ()) -> str:
+    """The cache key: task, overrides, the keys of the stages it waits for, and the stage's composed config
+    (every file its experiment reads, with the overrides and upstream artifacts applied)."""
     overrides = [*common, *stage.overrides, *force]
     upstream = {name: done[name]["key"] for name in [*_upstream(overrides), *stage.get("after", [])] if name in done}
-    blob = json.dumps({"task": stage.task, "experiment": stage.experiment, "overrides": overrides,
-                       "upstream": upstream}, sort_keys=True)
-    # The experiment file's content matters too: editing it invalidates the stage.
+    resolved = [_substitute(o, done, _KEY_RUN_DIR, stage.name) for o in overrides]
     try:
-        blob += json.dumps(to_container(compose(stage.experiment, [], validate_values=False)), sort_keys=True,
-                           default=str)
-    except ConfigError:
-        pass
+        composed = to_container(compose(stage.experiment, resolved, validate_values=False))
+    except ConfigError as exc:
+        raise ConfigError(f"pipeline stage '{stage.name}' (experiment={stage.experiment}): {exc}") from None
+    blob = json.dumps({"task": stage.task, "experiment": stage.experiment, "overrides": overrides,
+                       "upstream": upstream, "config": composed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -80,132 +98,128 @@ def stage_dependencies(stage: DictConfig, common: list[str], force: tuple[str, .
     return deps
 
 
-def _start_stage(stage: DictConfig, overrides: list[str], log_file: Any, start_method: str) -> Any:
-    from lightning_synfer.sweeps.launchers import start_run
-
-    return start_run(stage.task, [f"experiment={stage.experiment}", *overrides], log_file, start_method)
-
-
-def run_pipeline(cfg: DictConfig, *, only: Optional[list[str]] = None, log: Callable[[str], None] = print
-                 ) -> dict[str, dict[str, Any]]:
-    """Run the stages in list order, each once its dependencies are done.
-
-    pipeline.parallel=1 runs them one by one in this process. pipeline.parallel=N runs each stage as its own
-    `python run.py TASK ...` process, up to N at once (independent stages overlap: on a 2-vCPU machine the
-    generator trains beside the classifier; on a multi-GPU node give each stage its own device). A failed
-    stage stops new starts; the running ones finish (and are cached), then the failure is raised.
-    """
+def _check_stages(cfg: DictConfig) -> None:
     pipe = cfg.pipeline
     if not pipe.stages:
         raise ConfigError(f"experiment={cfg.experiment}: pipeline.stages is empty")
     names = [s.name for s in pipe.stages]
     if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"pipeline.stages: every stage needs a unique name, got {names}")
-    if pipe.parallel < 1:
-        raise ConfigError(f"pipeline.parallel={pipe.parallel}: expected at least 1 stage at a time")
-    from lightning_synfer.sweeps.launchers import START_METHODS, preload_for_fork
+    for stage in pipe.stages:
+        _task_function(stage.task)  # an unknown task fails before anything runs, with the list of known ones
+    validate_pipeline(pipe)
 
-    if pipe.start_method not in START_METHODS:
-        raise ConfigError(f"pipeline.start_method={pipe.start_method!r}: expected one of {START_METHODS}")
-    if pipe.parallel > 1 and pipe.start_method == "fork":
-        preload_for_fork()
-    root = Path(pipe.out) / cfg.experiment.replace("/", "_")
-    root.mkdir(parents=True, exist_ok=True)
-    common, force = list(pipe.common), tuple(pipe.force)
-    deps = {s.name: stage_dependencies(s, common, force, names[:i]) for i, s in enumerate(pipe.stages)}
-    done: dict[str, dict[str, Any]] = {}
-    total = len(pipe.stages)
-    started = time.perf_counter()
-    pending = list(enumerate(pipe.stages, 1))
-    running: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
-    failure: Optional[StageFailed] = None
 
-    def finish_stage(job: dict[str, Any], metrics: dict[str, Any]) -> None:
-        stage, run_dir = job["stage"], job["run_dir"]
+def _executor(pipe: DictConfig, root: Path) -> tuple[Any, int]:
+    """The executor of the stages and how many run at once."""
+    processes, threads = resolve_parallel(pipe.parallel)
+    if pipe.executor == "slurm":
+        try:
+            return SubmititExecutor(root / "submitit", cluster=pipe.slurm.cluster, python=pipe.slurm.python), processes
+        except ValueError as exc:
+            raise ConfigError(f"pipeline.executor=slurm: {exc}") from None
+    if processes == 1:
+        return InProcessExecutor(), 1
+    return LocalProcessExecutor(pipe.start_method, threads=threads), processes
+
+
+def _slurm_job(pipe: DictConfig, stage: DictConfig) -> tuple[dict[str, Any], list[str]]:
+    """A stage's submitit parameters (its `resources` over `pipeline.slurm`) and the Trainer shape they give."""
+    res, slurm = stage.resources, pipe.slurm
+    nodes = int(res.nodes or slurm.nodes or 1)
+    gpus = int(res.gpus if res.gpus is not None else (slurm.gpus_per_node or 0))
+    params = slurm_parameters(slurm, nodes=nodes, tasks_per_node=max(1, gpus), gpus_per_node=gpus,
+                              job_name=f"synfer-{stage.name}", key=f"pipeline.stages[{stage.name}].resources",
+                              time=res.time, partition=res.partition, cpus_per_task=res.cpus, mem=res.mem)
+    shape = [f"trainer.num_nodes={nodes}", f"trainer.devices={max(1, gpus)}"] if gpus else []
+    return params, shape
+
+
+@dataclass
+class _Run:
+    """One run of the pipeline: what the scheduler's callbacks share."""
+
+    cfg: DictConfig
+    root: Path
+    log: Callable[[str], None]
+    in_process: bool
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> index, stage, key, dirs, start time
+
+    def prepare(self, name: str) -> Optional[Job]:
+        pipe = self.cfg.pipeline
+        i, stage = next((i, s) for i, s in enumerate(pipe.stages, 1) if s.name == name)
+        common, force = list(pipe.common), tuple(pipe.force)
+        key = stage_key(stage, common, self.done, force)
+        stage_dir = self.root / f"{i:02d}-{stage.name}-{key}"
+        title = f"stage {i}/{len(pipe.stages)} {stage.title or stage.name}"
+        if (stage_dir / "stage.json").is_file():
+            self.done[name] = json.loads((stage_dir / "stage.json").read_text())
+            self.log(f"[synfer] {title}: cached ({stage_dir})")
+            return None
+        run_dir = stage_dir / "run"
+        overrides = [_substitute(o, self.done, run_dir, name) for o in [*common, *stage.overrides, *force]]
+        overrides += [f"run_dir={run_dir}", "overwrite=true"]
+        resources, shape = _slurm_job(pipe, stage) if pipe.executor == "slurm" else ({}, [])
+        self.jobs[name] = {"i": i, "stage": stage, "key": key, "title": title, "dir": stage_dir, "run_dir": run_dir,
+                           "overrides": overrides, "t0": time.perf_counter()}
+        self.log(f"[synfer] {title}: running `run.py {stage.task} experiment={stage.experiment}`")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        return Job(name, stage.task, [f"experiment={stage.experiment}", *overrides, *shape],
+                   log=stage_dir / "stage.log", resources=resources)
+
+    def started(self, job: Job, handle: Any) -> None:
+        if not self.in_process:
+            self.log(f"[synfer] {self.jobs[job.name]['title']}: {handle.where}")
+
+    def finish(self, job: Job, code: int, handle: Any) -> None:
+        info = self.jobs[job.name]
+        stage, run_dir = info["stage"], info["run_dir"]
+        failed = f"pipeline stage {info['i']}/{len(self.cfg.pipeline.stages)} '{stage.name}' failed"
+        if code != 0 or not (run_dir / "metrics.json").is_file():
+            raise JobFailed(f"{failed} ({handle.reason() or f'exit code {code}'}). Fix it and rerun: finished "
+                            f"stages are reused.")
         artifacts = {}
         for name, rel in stage.artifacts.items():
-            path = run_dir / rel
-            if not path.exists():
-                raise StageFailed(f"pipeline stage '{stage.name}' finished without its artifact '{name}' ({path})")
-            artifacts[name] = str(path)
-        record = {"stage": stage.name, "task": stage.task, "experiment": stage.experiment, "key": job["key"],
-                  "run_dir": str(run_dir), "artifacts": artifacts, "overrides": job["overrides"],
-                  "wall_time_s": time.perf_counter() - job["t0"], "metrics": metrics}
-        atomic_write_json(job["marker"], record)
-        done[stage.name] = json.loads(job["marker"].read_text())
-        log(f"[synfer] stage {job['i']}/{total} {job['title']}: done in {record['wall_time_s']:.0f} s")
+            if not (run_dir / rel).exists():
+                raise JobFailed(f"{failed}: it finished without its artifact '{name}' ({run_dir / rel})")
+            artifacts[name] = str(run_dir / rel)
+        record = {"stage": stage.name, "task": stage.task, "experiment": stage.experiment, "key": info["key"],
+                  "run_dir": str(run_dir), "artifacts": artifacts, "overrides": info["overrides"],
+                  "wall_time_s": time.perf_counter() - info["t0"],
+                  "metrics": json.loads((run_dir / "metrics.json").read_text())}
+        atomic_write_json(info["dir"] / "stage.json", record)
+        self.done[stage.name] = json.loads((info["dir"] / "stage.json").read_text())
+        self.log(f"[synfer] {info['title']}: done in {record['wall_time_s']:.0f} s")
 
-    def _schedule() -> None:
-        nonlocal failure
-        while (pending and failure is None) or running:
-            for item in list(pending):
-                if failure is not None or len(running) >= pipe.parallel:
-                    break
-                i, stage = item
-                if any(d not in done for d in deps[stage.name]):
-                    continue  # a later, independent stage may start first
-                pending.remove(item)
-                key = stage_key(stage, common, done, force)
-                stage_dir = root / f"{i:02d}-{stage.name}-{key}"
-                title = stage.title or stage.name
-                job = {"i": i, "stage": stage, "key": key, "title": title, "run_dir": stage_dir / "run",
-                       "marker": stage_dir / "stage.json"}
-                if job["marker"].is_file():
-                    done[stage.name] = json.loads(job["marker"].read_text())
-                    log(f"[synfer] stage {i}/{total} {title}: cached ({stage_dir})")
-                    continue
-                raw = [*common, *stage.overrides, *force]
-                job["overrides"] = [_substitute(o, done, job["run_dir"], stage.name) for o in raw]
-                job["overrides"] += [f"run_dir={job['run_dir']}", "overwrite=true"]
-                log(f"[synfer] stage {i}/{total} {title}: running `run.py {stage.task} experiment={stage.experiment}`")
-                job["t0"] = time.perf_counter()
-                if pipe.parallel == 1:
-                    stage_cfg = compose(stage.experiment, job["overrides"])
-                    try:
-                        metrics = _task_function(stage.task)(stage_cfg, [stage.task, *job["overrides"]]) or {}
-                    except Exception as exc:
-                        raise StageFailed(f"pipeline stage {i}/{total} '{stage.name}' failed: {exc}. Fix it and rerun: "
-                                          f"finished stages are reused.") from exc
-                    finish_stage(job, metrics)
-                    break  # done changed: look at the list from the top again
-                _task_function(stage.task)  # an unknown task fails here, with the list of known ones
-                stage_dir.mkdir(parents=True, exist_ok=True)
-                job["log"] = stage_dir / "stage.log"
-                fh = open(job["log"], "w", encoding="utf-8")
-                running[stage.name] = (_start_stage(stage, job["overrides"], fh, pipe.start_method), fh, job)
-                log(f"[synfer] stage {i}/{total} {title}: pid {running[stage.name][0].pid}, log {job['log']}")
-            if not running:
-                if pending and failure is None and all(any(d not in done for d in deps[s.name]) for _, s in pending):
-                    raise StageFailed(f"pipeline: stages {[s.name for _, s in pending]} wait for stages that never ran")
-                continue
-            time.sleep(0.2)
-            for name, (proc, fh, job) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[name]
-                fh.close()
-                metrics_path = job["run_dir"] / "metrics.json"
-                try:
-                    if proc.returncode != 0 or not metrics_path.is_file():
-                        raise StageFailed(f"pipeline stage {job['i']}/{total} '{name}' failed (exit code "
-                                          f"{proc.returncode}; log {job['log']}). Fix it and rerun: finished stages "
-                                          f"are reused.")
-                    finish_stage(job, json.loads(metrics_path.read_text()))
-                except StageFailed as exc:
-                    log(f"[synfer] stage {job['i']}/{total} {job['title']}: FAILED ({exc})")
-                    failure = failure or exc
-    try:
-        _schedule()
-    finally:
-        for proc, fh, _ in running.values():  # only on an exception (Ctrl-C, a bad config): no orphans left
-            proc.terminate()
-            proc.wait()
-            fh.close()
-    if failure is not None:
-        raise failure
+
+def run_pipeline(cfg: DictConfig, *, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run the stages in list order, each once its dependencies are done.
+
+    pipeline.parallel=1 runs them one by one in this process. pipeline.parallel=N (or auto) runs each stage as
+    its own `run.py TASK ...` process, up to N at once (independent stages overlap: on a 2-vCPU machine the
+    generator trains beside the classifier; on a multi-GPU node give each stage its own device);
+    pipeline.executor=slurm submits each stage as a SLURM job. A failed stage stops new starts; the running
+    ones finish (and are cached), then the failure is raised.
+    """
+    _check_stages(cfg)
+    pipe = cfg.pipeline
+    names = [s.name for s in pipe.stages]
+    common, force = list(pipe.common), tuple(pipe.force)
+    graph = {s.name: stage_dependencies(s, common, force, names[:i]) for i, s in enumerate(pipe.stages)}
+    root = Path(pipe.out) / cfg.experiment.replace("/", "_")
+    root.mkdir(parents=True, exist_ok=True)
+    executor, parallel = _executor(pipe, root)
+    state = _Run(cfg, root, log, executor.in_process)
+    started = time.perf_counter()
+    outcome = run_graph(graph, executor=executor, parallel=parallel, prepare=state.prepare, finish=state.finish,
+                        started=state.started, fail_fast=True, log=log)
+    if outcome.failed:
+        raise StageFailed(next(iter(outcome.failed.values())))
+    if outcome.not_started:
+        raise StageFailed(f"pipeline: stages {outcome.not_started} wait for stages that never ran")
     log(f"[synfer] pipeline finished in {time.perf_counter() - started:.0f} s ({root})")
-    # Stages in list order, whatever order they finished in.
-    done = {name: done[name] for name in names if name in done}
+    done = {name: state.done[name] for name in names}  # list order, whatever order they finished in
     atomic_write_json(root / "pipeline.json", {"experiment": cfg.experiment, "stages": done,
                                                "config": OmegaConf.to_container(cfg.pipeline, resolve=True)})
     return done

@@ -1,20 +1,14 @@
-"""Launchers: run a sweep's pending points here (one by one or N at once) or as a SLURM job array.
+"""Launchers: run a sweep's pending points through the scheduler (lightning_synfer/scheduling): here, one by one
+or N at once as processes, or as one SLURM job array through submitit; or write an sbatch script of the array.
 
 Every point is an ordinary `python run.py fit ...` with its own `run_dir=`; a point is done when its
 metrics.json exists (written last, atomically), so any launcher can be rerun and skips finished points.
 """
 from __future__ import annotations
 
-import io
-import logging
 import os
 import shlex
-import shutil
-import signal
-import subprocess
-import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -22,10 +16,10 @@ from typing import Any, Callable, Optional, Sequence
 from omegaconf import DictConfig
 
 from datamodules.atomic import atomic_write_lines, atomic_write_text
-from lightning_synfer.config.compose import ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RUN_PY = REPO_ROOT / "run.py"
+from lightning_synfer.config.errors import ConfigError
+from lightning_synfer.scheduling import Job, JobFailed, run_graph
+from lightning_synfer.scheduling.executors import InProcessExecutor, LocalProcessExecutor, RUN_PY, resolve_parallel
+from lightning_synfer.scheduling.slurm import REQUEUE, SubmititExecutor, slurm_parameters
 
 
 class SweepFailed(ValueError):
@@ -47,185 +41,51 @@ class PendingPoint:
 class LaunchResult:
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # name -> reason (log path or exception)
-    script: Optional[Path] = None
-    submitted: Optional[str] = None  # sbatch's answer
+    script: Optional[Path] = None  # sweep.slurm.script_only / sweep.dry_run: the sbatch script written
+    submitted: list[str] = field(default_factory=list)  # SLURM job ids (sweep.slurm.wait=false)
 
 
-def fit_command(task: str, overrides: Sequence[str], python: str = sys.executable) -> list[str]:
-    return [python, str(RUN_PY), task, *overrides]
+def _run_points(points: Sequence[PendingPoint], jobs: dict[str, Job], executor: Any, *, parallel: int,
+                fail_fast: bool, log: Callable[[str], None]) -> LaunchResult:
+    """The scheduler over the points (a graph without edges); done = exit code 0 and metrics.json."""
+    by_name = {p.name: p for p in points}
+    t0: dict[str, float] = {}
+    total = len(points)
+
+    def prepare(name: str) -> Job:
+        p = by_name[name]
+        t0[name] = time.perf_counter()
+        if executor.in_process:
+            log(f"[synfer] sweep {p.index + 1}/{total} {name}: running")
+        return jobs[name]
+
+    def started(job: Job, handle: Any) -> None:
+        if not executor.in_process:
+            log(f"[synfer] sweep {by_name[job.name].index + 1}/{total} {job.name}: started ({handle.where})")
+
+    def finish(job: Job, code: int, handle: Any) -> None:
+        if code != 0 or not (by_name[job.name].run_dir / "metrics.json").is_file():
+            raise JobFailed(handle.reason() or f"exit code {code}, no metrics.json")
+        log(f"[synfer] sweep {job.name}: done in {time.perf_counter() - t0[job.name]:.0f} s")
+
+    outcome = run_graph({p.name: [] for p in points}, executor=executor, parallel=parallel, prepare=prepare,
+                        finish=finish, started=started, fail_fast=fail_fast, log=log)
+    return LaunchResult(done=outcome.done, failed=outcome.failed)
 
 
-def child_environment() -> dict[str, str]:
-    """The environment of a run started from this process: the run stamp is per run, never inherited."""
-    return {k: v for k, v in os.environ.items() if k != "SYNFER_RUN_STAMP"}
-
-
-START_METHODS = ("spawn", "fork")
-
-# What a forked run would otherwise import itself (~10 s of a small CPU's time per run): imported once in
-# the launching process, then shared copy-on-write by every fork.
-FORK_PRELOAD = ("torch", "torchvision", "lightning.pytorch", "torchmetrics", "timm", "lightly.loss",
-                "diffusers", "transformers", "matplotlib.pyplot", "lightning_synfer.tasks.fit",
-                "lightning_synfer.tasks.synthesize", "lightning_synfer.tasks.label",
-                "lightning_synfer.tasks.linear", "lightning_synfer.tasks.evaluate_generation",
-                "lightning_synfer.tasks.render")
-
-
-class ForkedRun:
-    """`run.py TASK OVERRIDES` in a fork of this process, with a Popen-like poll/wait/terminate.
-
-    Fork skips the child's interpreter start and imports: with torch, Lightning, timm and diffusers that is
-    ~10 s a run on a 2-vCPU machine, a tenth of a miniature stage. Only for CPU runs: a process that has
-    initialised CUDA cannot be forked safely, so `start_run` refuses then and `spawn` is the default."""
-
-    def __init__(self, task: str, overrides: Sequence[str], log_file: Any) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.returncode: Optional[int] = None
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: never returns into the caller's code
-            code = 1
-            try:
-                os.dup2(log_file.fileno(), 1)
-                os.dup2(log_file.fileno(), 2)
-                # As in a fresh interpreter: the streams and logging write to the new fds 1 and 2, not to
-                # whatever objects the parent had put in their place (a test runner's capture, say).
-                sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-                sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
-                logging.root.handlers.clear()
-                for key in set(os.environ) - set(child_environment()):
-                    del os.environ[key]
-                sys.argv = [str(RUN_PY), task, *overrides]
-                from lightning_synfer.cli import main
-
-                code = int(main([task, *overrides]) or 0)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:  # noqa: BLE001 - the traceback goes to the run's log, like a spawned run's
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-
-    def poll(self) -> Optional[int]:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self) -> int:
-        if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def terminate(self) -> None:
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-
-def preload_for_fork() -> None:
-    """Import FORK_PRELOAD here so that forked runs start with it (matplotlib on its file backend)."""
-    import importlib
-
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    for name in FORK_PRELOAD:
-        importlib.import_module(name)
-
-
-def start_run(task: str, overrides: Sequence[str], log_file: Any, start_method: str = "spawn"):
-    """Start `run.py TASK OVERRIDES` with stdout and stderr in `log_file`: a new interpreter (`spawn`) or a
-    fork of this one (`fork`, CPU runs only: see ForkedRun). Returns an object with poll/wait/terminate."""
-    if start_method not in START_METHODS:
-        raise ConfigError(f"start method {start_method!r}: expected one of {START_METHODS}")
-    if start_method == "spawn":
-        return subprocess.Popen(fit_command(task, overrides), stdout=log_file, stderr=subprocess.STDOUT,
-                                cwd=os.getcwd(), env=child_environment())
-    if not hasattr(os, "fork"):
-        raise ConfigError("start method 'fork' needs os.fork (Linux or macOS); use 'spawn' here")
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        raise ConfigError("start method 'fork': this process has initialised CUDA, which a fork cannot use; "
-                          "use 'spawn' for GPU runs")
-    return ForkedRun(task, overrides, log_file)
-
-
-# ------------------------------------------------------------------------------------------ local
-
-def run_local(points: Sequence[PendingPoint], *, task: str, root: Path, parallel: int = 1,
+def run_local(points: Sequence[PendingPoint], *, task: str, root: Path, parallel: Any = 1,
               use_subprocess: bool = False, fail_fast: bool = False, start_method: str = "spawn",
               log: Callable[[str], None] = print) -> LaunchResult:
-    if parallel > 1 or use_subprocess:
-        return _run_subprocesses(points, task=task, root=root, parallel=parallel, fail_fast=fail_fast,
-                                 start_method=start_method, log=log)
-    return _run_in_process(points, task=task, fail_fast=fail_fast, log=log)
-
-
-def _run_in_process(points: Sequence[PendingPoint], *, task: str, fail_fast: bool,
-                    log: Callable[[str], None]) -> LaunchResult:
-    from lightning_synfer.tasks import load
-
-    fn = load(task)
-    result = LaunchResult()
-    for i, p in enumerate(points, 1):
-        log(f"[synfer] sweep {i}/{len(points)} {p.name}: running")
-        t0 = time.perf_counter()
-        try:
-            fn(p.config, [task, *p.overrides])
-        except Exception as exc:  # one failed point must not lose the rest of the sweep
-            traceback.print_exc()
-            result.failed[p.name] = f"{type(exc).__name__}: {exc}"
-            log(f"[synfer] sweep {i}/{len(points)} {p.name}: FAILED ({type(exc).__name__}: {exc})")
-            if fail_fast:
-                break
-            continue
-        result.done.append(p.name)
-        log(f"[synfer] sweep {i}/{len(points)} {p.name}: done in {time.perf_counter() - t0:.0f} s")
-    return result
-
-
-def _run_subprocesses(points: Sequence[PendingPoint], *, task: str, root: Path, parallel: int, fail_fast: bool,
-                      start_method: str, log: Callable[[str], None]) -> LaunchResult:
-    logs = root / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    result = LaunchResult()
-    queue = list(points)
-    running: list[tuple[PendingPoint, Any, Any, float]] = []
-    total = len(points)
-    if start_method == "fork":
-        preload_for_fork()
-    stop = False
-    while queue or running:
-        while queue and len(running) < parallel and not stop:
-            p = queue.pop(0)
-            fh = open(logs / f"{p.name}.log", "w", encoding="utf-8")
-            proc = start_run(task, p.overrides, fh, start_method)
-            running.append((p, proc, fh, time.perf_counter()))
-            log(f"[synfer] sweep {p.index + 1}/{total} {p.name}: started (pid {proc.pid}, log {fh.name})")
-        if stop and not running:
-            break
-        time.sleep(0.2)
-        for item in list(running):
-            p, proc, fh, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            fh.close()
-            if proc.returncode == 0 and (p.run_dir / "metrics.json").is_file():
-                result.done.append(p.name)
-                log(f"[synfer] sweep {p.name}: done in {time.perf_counter() - t0:.0f} s")
-            else:
-                result.failed[p.name] = f"exit code {proc.returncode}, log {fh.name}"
-                log(f"[synfer] sweep {p.name}: FAILED (exit code {proc.returncode}; see {fh.name})")
-                if fail_fast:
-                    stop = True
-                    queue.clear()
-    return result
+    """parallel=1 (and not use_subprocess): the points one by one in this process; otherwise as local
+    processes, `parallel` at once (`auto`: from the CPUs), each with its share of the CPUs as OMP threads."""
+    processes, threads = resolve_parallel(parallel)
+    if processes > 1 or use_subprocess:
+        executor: Any = LocalProcessExecutor(start_method, threads=threads)
+    else:
+        executor = InProcessExecutor()
+    jobs = {p.name: Job(p.name, task, list(p.overrides), log=root / "logs" / f"{p.name}.log", config=p.config)
+            for p in points}
+    return _run_points(points, jobs, executor, parallel=processes, fail_fast=fail_fast, log=log)
 
 
 # ------------------------------------------------------------------------------------------ slurm
@@ -250,12 +110,17 @@ def slurm_resources(slurm: DictConfig, trainer: DictConfig) -> dict[str, int]:
     return {"nodes": nodes, "ntasks_per_node": max(1, per_node), "gpus_per_node": 0 if on_cpu else per_node}
 
 
+def shape_overrides(resources: dict) -> list[str]:
+    """The allocation decides the Trainer's shape (Lightning checks it against SLURM_NNODES/NTASKS_PER_NODE)."""
+    return [f"trainer.num_nodes={resources['nodes']}", f"trainer.devices={resources['ntasks_per_node']}"]
+
+
 def slurm_script(points: Sequence[PendingPoint], *, task: str, root: Path, slurm: DictConfig, resources: dict,
                  job_name: str) -> str:
-    """The sbatch script of a job array over `points.txt` (line i+1 = the overrides of array task i)."""
+    """The sbatch script of a job array over `points.txt` (line i+1 = the overrides of array task i), for
+    `sweep.slurm.script_only` and `sweep.dry_run`: the same job submitit would submit, as text to read or edit."""
     n = len(points)
     array = f"0-{n - 1}" + (f"%{slurm.max_concurrent}" if slurm.max_concurrent else "")
-    logs = root / "logs"
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}",
@@ -264,9 +129,9 @@ def slurm_script(points: Sequence[PendingPoint], *, task: str, root: Path, slurm
         f"#SBATCH --ntasks-per-node={resources['ntasks_per_node']}",
         f"#SBATCH --cpus-per-task={slurm.cpus_per_task}",
         f"#SBATCH --time={slurm.time}",
-        f"#SBATCH --output={logs}/%A_%a.out",
+        f"#SBATCH --output={root / 'logs'}/%A_%a.out",
         # Lightning's SLURMEnvironment saves an hpc checkpoint and requeues the task on SIGUSR1.
-        "#SBATCH --signal=SIGUSR1@90",
+        f"#SBATCH --signal=SIG{REQUEUE['signal']}",
         "#SBATCH --requeue",
     ]
     if resources["gpus_per_node"]:
@@ -277,8 +142,8 @@ def slurm_script(points: Sequence[PendingPoint], *, task: str, root: Path, slurm
     lines += [f"#SBATCH {opt}" for opt in slurm.extra]
     lines += [
         "",
-        f"# {n} points of a lightning-synfer sweep; written by `python run.py sweep`. Rerunning the sweep writes",
-        "# a new array over the points that have no metrics.json yet.",
+        f"# {n} points of a lightning-synfer sweep; written by `python run.py sweep sweep.slurm.script_only=true`.",
+        "# Rerunning the sweep writes a new array over the points that have no metrics.json yet.",
         "set -euo pipefail",
         f"cd {shlex.quote(str(Path.cwd()))}",
         *slurm.setup,
@@ -299,12 +164,10 @@ def slurm_script(points: Sequence[PendingPoint], *, task: str, root: Path, slurm
     return "\n".join(lines)
 
 
-def launch_slurm(points: Sequence[PendingPoint], *, task: str, root: Path, slurm: DictConfig, resources: dict,
-                 job_name: str, dry_run: bool = False, log: Callable[[str], None] = print) -> LaunchResult:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "logs").mkdir(exist_ok=True)
-    # The allocation decides the Trainer's shape (Lightning checks it against SLURM_NNODES/NTASKS_PER_NODE).
-    shape = [f"trainer.num_nodes={resources['nodes']}", f"trainer.devices={resources['ntasks_per_node']}"]
+def write_slurm_script(points: Sequence[PendingPoint], *, task: str, root: Path, slurm: DictConfig,
+                       resources: dict, job_name: str, log: Callable[[str], None] = print) -> Path:
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    shape = shape_overrides(resources)
     atomic_write_lines(root / "points.txt", [" ".join(shlex.quote(o) for o in [*p.overrides, *shape])
                                              for p in points])
     atomic_write_lines(root / "points_names.txt", [p.name for p in points])
@@ -312,15 +175,26 @@ def launch_slurm(points: Sequence[PendingPoint], *, task: str, root: Path, slurm
     atomic_write_text(script, slurm_script(points, task=task, root=root, slurm=slurm, resources=resources,
                                            job_name=job_name))
     os.chmod(script, 0o755)
-    result = LaunchResult(script=script)
-    sbatch = shutil.which("sbatch")
-    if sbatch and slurm.submit and not dry_run:
-        proc = subprocess.run([sbatch, str(script)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SweepFailed(f"sbatch {script} failed (exit {proc.returncode}): {proc.stderr.strip()}")
-        result.submitted = proc.stdout.strip()
-        log(f"[synfer] sweep: {result.submitted} ({len(points)} array tasks, script {script})")
-    else:
-        why = "dry run" if dry_run else ("sweep.slurm.submit=false" if sbatch else "sbatch is not on PATH")
-        log(f"[synfer] sweep: wrote {script} ({len(points)} array tasks; {why}). Submit it with: sbatch {script}")
-    return result
+    log(f"[synfer] sweep: wrote {script} ({len(points)} array tasks). Submit it with: sbatch {script}")
+    return script
+
+
+def launch_slurm(points: Sequence[PendingPoint], *, task: str, root: Path, slurm: DictConfig, resources: dict,
+                 job_name: str, fail_fast: bool = False, log: Callable[[str], None] = print) -> LaunchResult:
+    """The pending points as one job array through submitit; waits for them unless sweep.slurm.wait=false."""
+    params = slurm_parameters(slurm, nodes=resources["nodes"], tasks_per_node=resources["ntasks_per_node"],
+                              gpus_per_node=resources["gpus_per_node"], job_name=job_name, key="sweep.slurm")
+    try:
+        executor = SubmititExecutor(root / "submitit", cluster=slurm.cluster, python=slurm.python)
+    except ValueError as exc:
+        raise ConfigError(f"sweep.launcher=slurm: {exc}") from None
+    shape = shape_overrides(resources)
+    jobs = {p.name: Job(p.name, task, [*p.overrides, *shape], resources=params) for p in points}
+    if not slurm.wait:
+        handles = executor.start(list(jobs.values()))
+        ids = [h.job.job_id for h in handles]
+        log(f"[synfer] sweep: submitted {len(ids)} array tasks ({ids[0]} ...); rerun the sweep to see which "
+            f"finished and to build the table")
+        return LaunchResult(submitted=ids)
+    log(f"[synfer] sweep: submitting {len(points)} array tasks through submitit ({slurm.cluster})")
+    return _run_points(points, jobs, executor, parallel=len(points), fail_fast=fail_fast, log=log)

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import tiny_overrides
-from lightning_synfer.config import compose
+from lightning_synfer.config import ConfigError, compose
 from lightning_synfer.pipeline import runner
 from lightning_synfer.pipeline.runner import StageFailed, run_pipeline
 
@@ -27,14 +27,17 @@ def _cfg(tmp_path: Path, eval_overrides=()):
 
 
 def _count_calls(monkeypatch):
+    """The task functions that ran in this process (pipeline.parallel=1), in order."""
+    import lightning_synfer.tasks as tasks
+
     calls = []
-    real = runner._task_function
+    real = tasks.load
 
     def spy(task):
         fn = real(task)
         return lambda cfg, argv: (calls.append(task), fn(cfg, argv))[1]
 
-    monkeypatch.setattr(runner, "_task_function", spy)
+    monkeypatch.setattr(tasks, "load", spy)
     return calls
 
 
@@ -100,7 +103,7 @@ def test_parallel_stages_run_as_processes_in_dependency_order(tmp_path):
     assert sum(": cached" in line for line in lines) == 4
 
 
-@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 def test_parallel_failure_names_the_log_and_keeps_finished_stages(tmp_path, start_method):
     bad = ["data.test.format=folder", f"data.test.root={tmp_path / 'missing'}"]
     with pytest.raises(StageFailed, match=r"'judge' failed \(exit code 2; log .*stage\.log"):
@@ -113,10 +116,10 @@ def test_parallel_failure_names_the_log_and_keeps_finished_stages(tmp_path, star
 
 
 def test_forked_stages_match_spawned_ones(tmp_path):
-    """pipeline.start_method=fork (stages fork the runner, which imported torch once) computes what fresh
+    """pipeline.start_method=forkserver (stages fork a server that imported torch once) computes what fresh
     interpreters compute: the same metrics, each stage in its own process and log."""
     lines = []
-    forked = run_pipeline(_parallel_cfg(tmp_path / "fork", start_method="fork"), log=lines.append)
+    forked = run_pipeline(_parallel_cfg(tmp_path / "fork", start_method="forkserver"), log=lines.append)
     spawned = run_pipeline(_parallel_cfg(tmp_path / "spawn"), log=lambda s: None)
     for name in forked:
         for key in ("accuracy", "loss", "global_step"):
@@ -128,8 +131,14 @@ def test_forked_stages_match_spawned_ones(tmp_path):
 
 
 def test_unknown_start_method_is_a_config_error(tmp_path):
-    with pytest.raises(Exception, match=r"pipeline.start_method='forkserver': expected one of \('spawn', 'fork'\)"):
-        run_pipeline(_parallel_cfg(tmp_path, start_method="forkserver"), log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"'pipeline.start_method' = 'thread': expected one of spawn, forkserver"):
+        run_pipeline(_parallel_cfg(tmp_path, start_method="thread"), log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"'pipeline.start_method' = 'fork' is now 'forkserver'"):
+        run_pipeline(_parallel_cfg(tmp_path, start_method="fork"), log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"'pipeline.parallel' = 0: expected a number of processes >= 1 or 'auto'"):
+        cfg = _parallel_cfg(tmp_path)
+        cfg.pipeline.parallel = 0
+        run_pipeline(cfg, log=lambda s: None)
 
 
 def test_after_must_name_an_earlier_stage(tmp_path):
@@ -263,3 +272,41 @@ def test_embedded_pipeline_trains_on_rectified_labels_only_after_the_vote():
             assert "label" in deps, stage.name
         if stage.name == "synthetic_only_intended":
             assert "label" not in deps
+
+
+# -- the cache key: the stage's composed config (defect 4) ---------------------------------------------------
+
+
+def test_edited_experiment_file_reruns_its_stage(tmp_path, monkeypatch):
+    """An experiment that composes only with the stage's overrides (here it reads `notes` from an environment
+    variable the pipeline replaces) was left out of the key (`except ConfigError: pass`), so an edit of the file
+    was served from the cache. The key is now the stage's composed config: the edit reruns the stage."""
+    import shutil
+
+    experiments = tmp_path / "experiments"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "experiments", experiments)
+    monkeypatch.setenv("SYNFER_EXPERIMENTS_DIR", str(experiments))
+    monkeypatch.delenv("SYNFER_TEST_UNSET", raising=False)
+    edited = experiments / "supervised" / "edited.yaml"
+    body = "defaults:\n  - supervised/embedded\nnotes: ${oc.env:SYNFER_TEST_UNSET}\nseed: %d\n"
+    edited.write_text(body % 1)
+    calls = _count_calls(monkeypatch)
+    cfg = _cfg(tmp_path)
+    cfg.pipeline = OmegaConf.merge(cfg.pipeline, {"stages": [{"name": "render", "task": "render",
+                                                             "experiment": "supervised/edited",
+                                                             "overrides": ["notes=from_the_pipeline"]}]})
+    first = run_pipeline(cfg, log=lambda s: None)
+    assert calls == ["render"] and "seed: 1" in (Path(first["render"]["run_dir"]) / "config.yaml").read_text()
+    run_pipeline(cfg, log=lambda s: None)
+    assert calls == ["render"]  # unchanged: cached
+
+    edited.write_text(body % 7)
+    second = run_pipeline(cfg, log=lambda s: None)
+    assert calls == ["render", "render"] and second["render"]["key"] != first["render"]["key"]
+    assert "seed: 7" in (Path(second["render"]["run_dir"]) / "config.yaml").read_text()
+
+    # a stage whose config does not compose is an error of the pipeline config, naming the stage
+    cfg.pipeline.stages[0].overrides = []
+    with pytest.raises(ConfigError, match=r"pipeline stage 'render' \(experiment=supervised/edited\): .*"
+                                          r"SYNFER_TEST_UNSET"):
+        run_pipeline(cfg, log=lambda s: None)

@@ -67,8 +67,14 @@ def test_misspelt_grid_key_fails_before_anything_runs(tiny, tmp_path, capsys):
     # a value out of range is caught the same way, naming the point
     with pytest.raises(ConfigError, match=r"sweep point 1 .*synthetic_ratio.*expected a value in \[0, 1\]"):
         _run(_small(tiny, "sweep.grid.seed=[0]", "sweep.grid.data.mix.synthetic_ratio=[0.5,2]"))
-    with pytest.raises(ConfigError, match=r"'sweep.start_method' = 'thread': expected one of spawn, fork"):
+    with pytest.raises(ConfigError, match=r"'sweep.start_method' = 'thread': expected one of spawn, forkserver"):
         _run(_small(tiny, "sweep.grid.seed=[0]", "sweep.start_method=thread"))
+    with pytest.raises(ConfigError, match=r"'sweep.parallel' = 'many': expected a number of processes >= 1 or 'auto'"):
+        _run(_small(tiny, "sweep.grid.seed=[0]", "sweep.parallel=many"))
+    with pytest.raises(ConfigError, match=r"'sweep.slurm.time' = '2 hours': expected a time limit like 24:00:00"):
+        _run(_small(tiny, "sweep.grid.seed=[0]", "sweep.slurm.time='2 hours'"))
+    with pytest.raises(ConfigError, match=r"'sweep.slurm.submit' was renamed to 'sweep.slurm.script_only'"):
+        _run(_small(tiny, "sweep.grid.seed=[0]", "sweep.slurm.submit=false"))
 
 
 def test_local_sweep_runs_points_and_skips_finished(tiny, tmp_path):
@@ -96,10 +102,10 @@ def test_local_sweep_runs_points_and_skips_finished(tiny, tmp_path):
 
 
 @pytest.mark.slow  # spawn: two interpreters start torch + Lightning, ~25 s of CPU
-@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 def test_local_sweep_runs_two_points_at_once_in_subprocesses(tiny, tmp_path, monkeypatch, start_method):
-    """sweep.parallel=2: both points start as `run.py fit` processes (fresh interpreters, or forks of this one)
-    before either finishes; a rerun skips them."""
+    """sweep.parallel=2: both points start as `run.py fit` processes (fresh interpreters, or forks of the fork
+    server) before either finishes; a rerun skips them."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each spawned child starts its own torch
     argv = _small(tiny, "trainer.fast_dev_run=true", "sweep.grid.data.mix.synthetic_ratio=[0.5]",
                   "sweep.grid.seed=[0,1]", "sweep.parallel=2", f"sweep.start_method={start_method}")
@@ -135,23 +141,26 @@ def _fake_tool(folder: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def test_slurm_job_array(tiny, tmp_path, monkeypatch):
+def test_slurm_job_array_script(tiny, tmp_path, monkeypatch):
+    """sweep.slurm.script_only=true: the job array as an sbatch script over points.txt (submission itself goes
+    through submitit: tests/lightning_synfer/test_scheduling.py)."""
     bin_dir = tmp_path / "bin"
     _fake_tool(bin_dir, "srun", f'printf "%s\\n" "$@" > {tmp_path}/srun_args.txt')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # no sbatch on PATH yet
     monkeypatch.chdir(tmp_path)
     argv = _small(tiny, "trainer=multinode", "trainer.num_nodes=2", "sweep.launcher=slurm",
                   "sweep.slurm.gpus_per_node=4", "sweep.slurm.partition=gpu", "sweep.slurm.time=02:00:00",
-                  "sweep.grid.data.mix.synthetic_ratio=[0.25,0.5,0.75]", "sweep.grid.seed=[0,1]",
+                  "sweep.slurm.script_only=true", "sweep.grid.data.mix.synthetic_ratio=[0.25,0.5,0.75]",
+                  "sweep.grid.seed=[0,1]",
                   "sweep.grid.notes=['a b',\"it's\"]")
     out = _run(argv)
     script = Path(out["script"])
     text = script.read_text()
     subprocess.run(["bash", "-n", str(script)], check=True)
     for line in ("#SBATCH --array=0-11", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
-                 "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00"):
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00",
+                 "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue"):
         assert line in text.splitlines(), line
-    assert out["submitted"] is None
     points = (script.parent / "points.txt").read_text().splitlines()
     assert len(points) == 12
 
@@ -166,13 +175,15 @@ def test_slurm_job_array(tiny, tmp_path, monkeypatch):
     assert "data.mix.synthetic_ratio=0.5" in args and "seed=1" in args and "trainer.num_nodes=2" in args
     assert "trainer.devices=4" in args
 
-    # a finished point is skipped by its array task and left out of the next array; sbatch submits
+    # a finished point is skipped by its array task and left out of the next array
     (script.parent / name).mkdir(parents=True, exist_ok=True)
     (script.parent / name / "metrics.json").write_text("{}")
     (tmp_path / "srun_args.txt").unlink()
     subprocess.run(["bash", str(script)], check=True, env=env, capture_output=True)
     assert not (tmp_path / "srun_args.txt").exists()
-    _fake_tool(bin_dir, "sbatch", 'echo "Submitted batch job 42 ($1)"')
     again = _run(argv)
     assert "#SBATCH --array=0-10" in Path(again["script"]).read_text()
-    assert again["submitted"].startswith("Submitted batch job 42")
+
+    # without script_only, and no SLURM here: an error naming what to set
+    with pytest.raises(ConfigError, match=r"SLURM is not available here.*slurm.cluster=local.*script_only=true"):
+        _run([a for a in argv if a != "sweep.slurm.script_only=true"])
