@@ -51,6 +51,7 @@ RENAMED_KEYS: dict[str, str | tuple[str, ...]] = {
     **{f"ssl.dino_{name}": f"ssl.methods.dino.{name}" for name in (
         "bottleneck_dim", "output_dim", "batch_norm", "norm_last_layer", "freeze_last_layer_epochs", "student_temp",
         "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs", "center_momentum")},
+    "sweep.slurm.submit": "sweep.slurm.script_only",  # submitit submits; script_only=true writes the script instead
 }
 # Group choices every experiment starts from unless its `defaults:` says otherwise.
 BASE_DEFAULTS = {"paths": "default", "trainer": "default", "logger": "tensorboard", "data": "embedded",
