@@ -34,6 +34,7 @@ class _RunAndModelPaths:
 PathsConfig = make_dataclass("PathsConfig", [
     (name, str, field(default=f"${{oc.env:{root.env},{root.default}}}")) for name, root in dataset_roots().items()
 ], bases=(_RunAndModelPaths,))
+PathsConfig.__module__ = __name__  # pickle finds the class by name (Lightning keeps `config` in hparams only then)
 PathsConfig.__doc__ = "Dataset, run and model roots (`paths.*`); environment variables override each of them."
 
 

@@ -212,3 +212,11 @@ def test_choices_compare_as_strings_and_reach_modules_as_plain_strings():
     plain = to_container(cfg)
     assert type(plain["optim"]["name"]) is str and plain["optim"]["name"] == "sgd"
     assert type(plain["data"]["on_bad_image"]) is str
+
+
+def test_composed_config_pickles():
+    # Lightning keeps `config` in a module's hparams only when it pickles; PathsConfig is built by make_dataclass.
+    import pickle
+
+    cfg = compose("supervised/embedded")
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
