@@ -7,6 +7,8 @@ from typing import Any, Optional
 import timm
 import torch.nn as nn
 
+from lightning_synfer.models import small_cnn  # noqa: F401 (registers synfer_cnn_* with timm)
+
 
 def create_backbone(
     name: str,
