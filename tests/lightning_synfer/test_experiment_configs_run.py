@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 # config -> "test file::test function" whose fast_dev_run (or, for the pipeline, shrunk end-to-end run) covers it
 COVERED = {
     "supervised/embedded": "test_fit_evaluate.py::test_fast_dev_run_fit",
+    "supervised/embedded_fast": "test_small_cnn.py::test_fast_dev_run_fit_embedded_fast",
     "generator/embedded": "test_generator.py::test_fit_fast_dev_run_embedded",
     "labeler/embedded": "test_labeler.py::test_fit_fast_dev_run",
     "sweeps/embedded_ratio": "test_sweeps.py::test_local_sweep_runs_points_and_skips_finished",
