@@ -7,6 +7,7 @@ depends on the class, so a model can even learn something from them.
 from __future__ import annotations
 
 import csv
+import stat
 import zlib
 from pathlib import Path
 from typing import Optional, Sequence
@@ -146,3 +147,13 @@ def make_synthetic_set(root, n: int = 16, num_classes: int = 7, aus: bool = True
         records.append(rec)
     write_manifest(str(root), records, version=version)
     return root
+
+
+def fake_tool(folder, name: str, body: str) -> Path:
+    """An executable shell script `folder/name` running `body`: a stand-in for sbatch, srun, scontrol on PATH."""
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!/bin/bash\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures import fake_tool
 from lightning_synfer.scheduling import Job, JobFailed, run_graph
 from lightning_synfer.scheduling.executors import child_environment, resolve_parallel
 
@@ -217,13 +217,6 @@ def test_local_sweep_stops_on_signal_and_rerun_resumes(tmp_path, signum):
 
 # -- SLURM through submitit -----------------------------------------------------------------------------------
 
-def _fake_tool(folder: Path, name: str, body: str) -> None:
-    folder.mkdir(exist_ok=True)
-    path = folder / name
-    path.write_text(f"#!/bin/bash\n{body}\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 def test_sweep_submits_one_job_array_through_submitit(tiny, tmp_path, monkeypatch):
     """sweep.launcher=slurm: submitit writes and submits one job array (a fake sbatch records it); the SlurmConfig
     fields arrive as sbatch options, with Lightning's requeue signal."""
@@ -231,8 +224,8 @@ def test_sweep_submits_one_job_array_through_submitit(tiny, tmp_path, monkeypatc
     from lightning_synfer.tasks import sweep
 
     bin_dir = tmp_path / "bin"
-    _fake_tool(bin_dir, "srun", "exit 0")
-    _fake_tool(bin_dir, "sbatch", f'cp "$1" {tmp_path}/submitted.sh; echo "Submitted batch job 4242"')
+    fake_tool(bin_dir, "srun", "exit 0")
+    fake_tool(bin_dir, "sbatch", f'cp "$1" {tmp_path}/submitted.sh; echo "Submitted batch job 4242"')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     argv = [*tiny("trainer=multinode", "trainer.num_nodes=2", "sweep.launcher=slurm", "sweep.slurm.gpus_per_node=4",
                   "sweep.slurm.partition=gpu", "sweep.slurm.time=02:00:00", "sweep.slurm.account=lab",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from fixtures import fake_tool
 from lightning_synfer.cli import main
 from lightning_synfer.config import ConfigError, compose
 from lightning_synfer.sweeps.grid import expand, flatten_grid, format_value, short_keys
@@ -134,18 +134,11 @@ def test_local_sweep_runs_two_points_at_once_in_subprocesses(tiny, tmp_path, mon
     assert {n: (root / n / "metrics.json").stat().st_mtime_ns for n in stamps} == stamps
 
 
-def _fake_tool(folder: Path, name: str, body: str) -> None:
-    folder.mkdir(exist_ok=True)
-    path = folder / name
-    path.write_text(f"#!/bin/bash\n{body}\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 def test_slurm_job_array_script(tiny, tmp_path, monkeypatch):
     """sweep.slurm.script_only=true: the job array as an sbatch script over points.txt (submission itself goes
     through submitit: tests/lightning_synfer/test_scheduling.py)."""
     bin_dir = tmp_path / "bin"
-    _fake_tool(bin_dir, "srun", f'printf "%s\\n" "$@" > {tmp_path}/srun_args.txt')
+    fake_tool(bin_dir, "srun", f'printf "%s\\n" "$@" > {tmp_path}/srun_args.txt')
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # no sbatch on PATH yet
     monkeypatch.chdir(tmp_path)
     argv = _small(tiny, "trainer=multinode", "trainer.num_nodes=2", "sweep.launcher=slurm",
