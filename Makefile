@@ -21,9 +21,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# The main job's models are tiny: one thread each runs them faster than two that contend (docs/ARCHITECTURE.md).
+# Processes and threads per stage come from the CPUs (pipeline.parallel: auto, lightning_synfer/hardware.py): tiny
+# models run faster as several 1-thread processes than as one that spreads over the cores (docs/ARCHITECTURE.md).
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python run.py
+	$(BIN)/python run.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --timeout=900 tests

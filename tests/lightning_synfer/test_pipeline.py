@@ -263,7 +263,7 @@ def test_embedded_pipeline_trains_on_rectified_labels_only_after_the_vote():
     from lightning_synfer.pipeline.runner import stage_dependencies
 
     pipe = compose("pipeline/embedded").pipeline
-    assert pipe.parallel == 2
+    assert pipe.parallel == "auto"  # several stages at once on any machine with 2+ cores
     names = [s.name for s in pipe.stages]
     for i, stage in enumerate(pipe.stages):
         deps = stage_dependencies(stage, list(pipe.common), tuple(pipe.force), names[:i])
