@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 # Folder names of the FER2013 image release (note the aliases angry/surprise, not anger).
@@ -157,3 +158,14 @@ def fake_tool(folder, name: str, body: str) -> Path:
     path.write_text(f"#!/bin/bash\n{body}\n")
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return path
+
+
+class CrashAfter(Callback):
+    """Simulates a preemption of a prediction task: raises after `n` batches were written (the writer runs first)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx + 1 >= self.n:
+            raise RuntimeError("simulated preemption")

@@ -37,12 +37,7 @@ class LabelWriter(SynthesisWriter):
             else:
                 rec["probs"] = probs[i].tolist()
             lines.append(json.dumps(rec, allow_nan=False))
-        fh = self._part(trainer.global_rank)
-        fh.write("".join(line + "\n" for line in lines))
-        fh.flush()
-        os.fsync(fh.fileno())
-        self.written += len(lines)
-        self._show_rate(trainer)
+        self._append(trainer, lines)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self.close()

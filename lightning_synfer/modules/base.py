@@ -97,6 +97,15 @@ class FERClassifierModule(L.LightningModule):
             raise ValueError(f"eval.tta_crop_fraction={fraction}: expected a fraction of the side in (0, 1]")
         self._tta_crops = None if fraction is None else float(fraction)
 
+    def _soft_label_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Training loss of a plain classifier on the batch's soft labels; updates and logs train/loss and train/acc
+        (the subclass builds `criterion` and `train_acc`)."""
+        loss = self.criterion(logits, batch["label_soft"])
+        self.train_acc(logits.detach().argmax(-1), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
+        return loss
+
     def _eval_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits, or with TTA the log of the mean softmax over the views, so that argmax and softmax stay valid."""
         if not self.tta_hflip and self.tta_crops is None:

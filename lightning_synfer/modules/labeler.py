@@ -320,12 +320,7 @@ class PseudoLabelerModule(FERClassifierModule):
 
     # -- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
-        loss = self.criterion(logits, batch["label_soft"])
-        self.train_acc(logits.detach().argmax(-1), batch["label"])
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
-        return loss
+        return self._soft_label_loss(self(batch["image"]), batch)
 
     def configure_optimizers(self) -> Any:
         return optim.configure(self, self.trainer, self.cfg.optim, self.cfg.data.batch_size)

@@ -48,12 +48,7 @@ class SSLProbe(FERClassifierModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with torch.set_grad_enabled(not self.freeze_backbone):
             feats = self.backbone(batch["image"])
-        logits = self.head(self.feature_norm(feats))
-        loss = self.criterion(logits, batch["label_soft"])
-        self.train_acc(logits.detach().argmax(-1), batch["label"])
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
-        return loss
+        return self._soft_label_loss(self.head(self.feature_norm(feats)), batch)
 
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim

@@ -7,7 +7,7 @@ Plots: accuracy against synthetic ratio, a sample grid per class of the syntheti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -59,62 +59,59 @@ def downstream_rows(stages: dict[str, dict]) -> list[dict[str, Any]]:
 
 def build_report(stages: dict[str, dict], out_dir: Path, titles: dict[str, str]) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    def title(record: dict) -> str:
+        return titles.get(record["stage"], record["stage"])
+
     lines = ["# SynFER pipeline report (embedded miniature)", ""]
     rows = downstream_rows(stages)
     if rows:
-        lines += ["## Supervised FER: real, synthetic and mixed training data", "",
-                  "Test split of the embedded real faces (unseen identities).", "",
-                  "| stage | training data | synthetic ratio | synthetic labels | accuracy | macro-F1 |",
-                  "|---|---|---|---|---|---|"]
-        for r in rows:
-            data = "real only" if r["ratio"] == 0 else "synthetic only" if r["ratio"] == 1 else "real + synthetic"
-            lines.append(f"| {titles.get(r['stage'], r['stage'])} | {data} | {r['ratio']:.2f} | "
-                         f"{r['synthetic_labels']} | {_pct(r['acc'])} | {_pct(r['macro_f1'])} |")
-        lines.append("")
+        lines += _table("Supervised FER: real, synthetic and mixed training data",
+                        ("stage", "training data", "synthetic ratio", "synthetic labels", "accuracy", "macro-F1"),
+                        [(title(r), _training_data(r["ratio"]), f"{r['ratio']:.2f}",
+                          r["synthetic_labels"], _pct(r["acc"]), _pct(r["macro_f1"])) for r in rows],
+                        intro="Test split of the embedded real faces (unseen identities).")
         _plot_ratio(rows, out_dir / "accuracy_vs_ratio.png")
         _plot_confusions(rows, out_dir / "confusion_matrices.png", titles)
         lines += ["![accuracy vs ratio](accuracy_vs_ratio.png)", "", "![confusion](confusion_matrices.png)", ""]
-    gen = [r for r in stages.values() if r["task"] == "evaluate-generation"]
-    if gen:
-        lines += ["## Generation quality", "", "| stage | FER accuracy | AU MAE | AU acc@0.5 | FID | KID |",
-                  "|---|---|---|---|---|---|"]
-        for r in gen:
-            m = r.get("metrics") or {}
-            lines.append(f"| {titles.get(r['stage'], r['stage'])} | {_pct(_get(m, 'fer_accuracy'))} | "
-                         f"{_fmt(_get(m, 'au.mae'))} | {_pct(_get(m, 'au.accuracy'))} | {_fmt(_get(m, 'fid'))} | "
-                         f"{_fmt(_get(m, 'kid'))} |")
-        lines.append("")
-    lab = [r for r in stages.values() if r["task"] == "label"]
-    if lab:
-        lines += ["## Pseudo-label rectification", "", "| stage | records | agreement | changed | dropped |",
-                  "|---|---|---|---|---|"]
-        for r in lab:
-            m = r.get("metrics") or {}
-            lines.append(f"| {titles.get(r['stage'], r['stage'])} | {_get(m, 'num_records', '–')} | "
-                         f"{_pct(_get(m, 'agreement_rate'))} | {_get(m, 'num_changed', '–')} | "
-                         f"{_get(m, 'num_dropped', '–')} |")
-        lines.append("")
-    probes = [r for r in stages.values() if r["task"] in ("linear", "knn")]
-    if probes:
-        lines += ["## Self-supervised pre-training → probe on real data", "",
-                  "| stage | probe | accuracy | macro-F1 |", "|---|---|---|---|"]
-        for r in probes:
-            m = r.get("metrics") or {}
-            lines.append(f"| {titles.get(r['stage'], r['stage'])} | {r['task']} | {_pct(_get(m, 'accuracy'))} | "
-                         f"{_pct(_get(m, 'macro_f1'))} |")
-        lines.append("")
+    lines += _table("Generation quality", ("stage", "FER accuracy", "AU MAE", "AU acc@0.5", "FID", "KID"),
+                    [(title(r), _pct(_get(m, "fer_accuracy")), _fmt(_get(m, "au.mae")), _pct(_get(m, "au.accuracy")),
+                      _fmt(_get(m, "fid")), _fmt(_get(m, "kid"))) for r, m in _stages_of(stages, "evaluate-generation")])
+    lines += _table("Pseudo-label rectification", ("stage", "records", "agreement", "changed", "dropped"),
+                    [(title(r), _get(m, "num_records", "–"), _pct(_get(m, "agreement_rate")),
+                      _get(m, "num_changed", "–"), _get(m, "num_dropped", "–")) for r, m in _stages_of(stages, "label")])
+    lines += _table("Self-supervised pre-training → probe on real data", ("stage", "probe", "accuracy", "macro-F1"),
+                    [(title(r), r["task"], _pct(_get(m, "accuracy")), _pct(_get(m, "macro_f1")))
+                     for r, m in _stages_of(stages, "linear", "knn")])
     synth_dirs = [r["artifacts"]["dir"] for r in stages.values() if "dir" in r.get("artifacts", {})]
     if synth_dirs:
         grid = out_dir / "synthetic_samples.png"
         if _sample_grid(Path(synth_dirs[-1]), grid):
             lines += ["## Synthetic samples (one row per class)", "", "![samples](synthetic_samples.png)", ""]
-    lines += ["## Stages", "", "| # | stage | task | wall time (s) | run dir |", "|---|---|---|---|---|"]
-    for i, r in enumerate(stages.values(), 1):
-        lines.append(f"| {i} | {titles.get(r['stage'], r['stage'])} | {r['task']} | {r['wall_time_s']:.0f} | "
-                     f"`{r['run_dir']}` |")
-    text = "\n".join(lines) + "\n"
+    lines += _table("Stages", ("#", "stage", "task", "wall time (s)", "run dir"),
+                    [(i, title(r), r["task"], f"{r['wall_time_s']:.0f}", f"`{r['run_dir']}`")
+                     for i, r in enumerate(stages.values(), 1)])
+    text = "\n".join(lines)
     atomic_write_text(out_dir / "report.md", text)
     return text
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], intro: str = "") -> list[str]:
+    """A Markdown section with one table (nothing when there are no rows), ending with an empty line."""
+    if not rows:
+        return []
+    lines = [f"## {title}", ""] + ([intro, ""] if intro else [])
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows] + [""]
+
+
+def _stages_of(stages: dict[str, dict], *tasks: str) -> list[tuple[dict, dict]]:
+    """(stage record, its metrics) of the stages that ran one of `tasks`, in stage order."""
+    return [(r, r.get("metrics") or {}) for r in stages.values() if r["task"] in tasks]
+
+
+def _training_data(ratio: float) -> str:
+    return "real only" if ratio == 0 else "synthetic only" if ratio == 1 else "real + synthetic"
 
 
 def _fmt(value: Optional[float]) -> str:

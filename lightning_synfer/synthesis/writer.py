@@ -66,6 +66,10 @@ class SynthesisWriter(BasePredictionWriter):
             rel = image_relpath(rec["index"], rec["id"], self.shard_size)
             write_image_atomic(self.out / rel, array)
             lines.append(json.dumps({**rec, "image": rel}, ensure_ascii=False, allow_nan=False))
+        self._append(trainer, lines)
+
+    def _append(self, trainer, lines: Sequence[str]) -> None:
+        """Append this batch's JSON lines to the rank's part file, on disk before the next batch starts (resume)."""
         fh = self._part(trainer.global_rank)
         fh.write("".join(line + "\n" for line in lines))
         fh.flush()

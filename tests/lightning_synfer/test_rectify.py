@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from datamodules.labels import CANONICAL_8, LabelSpace
 from datamodules.synthetic import ManifestError, read_manifest, records_from_manifest, write_manifest
-from fixtures import make_synthetic_set
+from fixtures import CrashAfter, make_synthetic_set
 from lightning_synfer.cli import main
 from lightning_synfer.config import compose
 from lightning_synfer.config.compose import to_container
@@ -110,15 +109,6 @@ def _args(tmp_path, root, labelers, *extra):
     return ["trainer=cpu", "trainer.enable_progress_bar=false", "data.num_workers=0", "labeling.batch_size=3",
             f"paths.runs_dir={tmp_path / 'runs'}", f"labeling.dataset={root}",
             f"labeling.ensemble=[{','.join(str(p) for p in labelers)}]", *extra]
-
-
-class CrashAfter(Callback):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx + 1 >= self.n:
-            raise RuntimeError("simulated preemption")
 
 
 def _part_ids(root: Path) -> list[str]:

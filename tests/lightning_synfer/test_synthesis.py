@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from datamodules.labels import CANONICAL_8
 from datamodules.procedural.aus import AU_NAMES
 from datamodules.synthetic import read_manifest
-from fixtures import make_synthetic_set, write_image
+from fixtures import CrashAfter, make_synthetic_set, write_image
 from lightning_synfer.cli import main
 from lightning_synfer.config import compose
 from lightning_synfer.config.compose import to_container
@@ -36,17 +36,6 @@ def _overrides(tmp_path, export, out, *extra):
             "data.train.num_images=32", f"paths.runs_dir={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}",
             f"synthesis.generator={export}", f"synthesis.out={out}", "synthesis.batch_size=2", "sampling.steps=2",
             "synthesis.shard_size=4", *extra]
-
-
-class CrashAfter(Callback):
-    """Simulates a preemption: raises after `n` batches were written (the writer runs first)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx + 1 >= self.n:
-            raise RuntimeError("simulated preemption")
 
 
 def _part_lines(out: Path) -> list[dict]:
