@@ -74,14 +74,8 @@ class AUAttnProcessor(nn.Module):
         if attn.norm_cross:
             text = attn.norm_encoder_hidden_states(text)
         key, value = attn.to_k(text), attn.to_v(text)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, head_dim = query_key_heads(attn, query, key)
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                              is_causal=False)
         if self.scale != 0.0:  # skipped at 0: the exact base-model computation
@@ -100,6 +94,22 @@ class AUAttnProcessor(nn.Module):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def query_key_heads(attn: nn.Module, query: torch.Tensor, key: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Query and key of a diffusers `Attention` layer split into its heads, (B, heads, tokens, head_dim), with the
+    layer's q/k norms applied as diffusers' own processors do; and head_dim. Shared by the AU processor and the
+    labeler's attention-keeping processor, so both see the attention the base model computes."""
+    batch = query.shape[0]
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, head_dim
 
 
 def _key(name: str) -> str:

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_synfer.models.au_adapter import query_key_heads
+
 
 class AttentionStore:
     """Shared by the extractor and its processors: the maps of the current forward pass, by layer name."""
@@ -67,15 +69,7 @@ class AttentionKeepingProcessor(nn.Module):
             context = context[:, :self.store.text_tokens]
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        query, key = attn.to_q(h), attn.to_k(context)
-        b = query.shape[0]
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, _ = query_key_heads(attn, attn.to_q(h), attn.to_k(context))
         scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
         return scores.softmax(dim=-1).mean(dim=1)  # (B, queries, T), heads averaged
 

@@ -98,6 +98,16 @@ def _save(module, path: Path) -> Path:
     return path
 
 
+def _assert_checkpoint_outlives(source: Path, module, x: torch.Tensor, path: Path) -> None:
+    """A checkpoint of `module` still gives its outputs on `x` after the frozen model's folder `source` is gone."""
+    ckpt = _save(module, path)
+    with torch.no_grad():
+        ref = module(x)
+    shutil.rmtree(source)
+    with torch.no_grad():
+        torch.testing.assert_close(load_module(ckpt)(x), ref)
+
+
 def test_only_the_heads_train_and_the_frozen_unet_stays_in_eval(tiny):
     m = _module(tiny).train()
     assert not m.extractor.training and all(not p.requires_grad for p in m.extractor.parameters())
@@ -156,13 +166,7 @@ def test_generator_export_as_frozen_unet_and_checkpoint_without_the_folder(tiny,
     # The generator's text tokens only (16), though the UNet also reads its 4 AU tokens.
     assert len(maps) == len(cross_attention_layers(m.extractor.unet)) and all(a.shape[1] == 16 for a in maps)
     assert [f.shape[1] for f in features] == [16, 8]
-    path = _save(m, tmp_path / "lab.ckpt")
-    x = torch.rand(2, 1, 16, 16)
-    with torch.no_grad():
-        ref = m(x)
-    shutil.rmtree(export)
-    with torch.no_grad():
-        torch.testing.assert_close(load_module(path)(x), ref)
+    _assert_checkpoint_outlives(export, m, torch.rand(2, 1, 16, 16), tmp_path / "lab.ckpt")
 
 
 def test_bad_labeler_config_names_the_key(tiny, tmp_path):
@@ -187,12 +191,7 @@ def test_stable_diffusion_folder_reads_latents_of_the_vae(tiny, tmp_path):
     features, maps = m.diffusion_features(x)
     assert [tuple(f.shape[1:]) for f in features] == [(16, 8, 8), (8, 8, 8)]
     assert len(maps) == 4 and all(a.shape[1] == 16 for a in maps)  # down 1 + up 2 + mid 1; CLIP has 16 positions
-    path = _save(m, tmp_path / "lab.ckpt")
-    with torch.no_grad():
-        ref = m(x)
-    shutil.rmtree(sd)
-    with torch.no_grad():
-        torch.testing.assert_close(load_module(path)(x), ref)
+    _assert_checkpoint_outlives(sd, m, x, tmp_path / "lab.ckpt")
 
 
 def test_fit_on_a_plain_diffusers_unet_folder(tiny, tmp_path):
