@@ -48,28 +48,27 @@ class Choice:
         return asdict(self)
 
 
-def cpu_flags() -> Optional[frozenset[str]]:
-    """The CPU feature flags of the first processor in /proc/cpuinfo (x86 Linux), or None where unreadable."""
+def _cpuinfo(field: str) -> Optional[str]:
+    """The value of the first `field` line of /proc/cpuinfo (Linux), or None where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
 
 
+def cpu_flags() -> Optional[frozenset[str]]:
+    """The CPU feature flags of the first processor (x86 Linux), or None where unreadable."""
+    flags = _cpuinfo("flags")
+    return None if flags is None else frozenset(flags.split())
+
+
 def cpu_model_name() -> str:
     """`lscpu`'s model name, read from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def measure_bf16_matmul(size: int = 256, repeats: int = 5) -> tuple[float, float]:
@@ -188,8 +187,7 @@ def stage_parallelism(cpu_count: Optional[int] = None, max_threads: int = MAX_TH
     2-thread process 1.4x (docs/ARCHITECTURE.md). So every core first gets its own process, up to
     `max_threads`-thread processes on big machines (where the stage graph, not the cores, bounds parallelism)."""
     cpus = available_cpus() if cpu_count is None else max(1, int(cpu_count))
-    processes = max(1, -(-cpus // max_threads)) if cpus > 2 * max_threads else cpus
-    processes = min(processes, cpus)
+    processes = -(-cpus // max_threads) if cpus > 2 * max_threads else cpus
     return processes, max(1, cpus // processes)
 
 
