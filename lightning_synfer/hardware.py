@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-AUTO = "auto"
+from lightning_synfer.config.choices import AUTO
 # CPU flags (/proc/cpuinfo) of native bf16 matmul on x86: AMX tiles or AVX512 with the BF16 extension.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # A stage process trains a tiny model: past this many threads it gains little, so many cores go to more processes.

@@ -6,6 +6,11 @@ import enum
 from typing import Any
 
 
+# The value of every setting resolved from the hardware at run time (trainer.precision, model.channels_last,
+# pipeline.parallel, sweep.parallel; lightning_synfer/hardware.py).
+AUTO = "auto"
+
+
 class Choice(str, enum.Enum):
     """One config choice. Members are named like their values (OmegaConf converts YAML strings by name), compare
     equal to them (`cfg.optim.name == "sgd"` holds), and print as them."""

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from lightning_synfer.config.choices import AUTO
 from lightning_synfer.config.errors import ConfigError, check
 
 # How a local job process starts: `spawn` a fresh `python run.py TASK ...`, or `forkserver`: fork a server process
@@ -25,7 +26,6 @@ START_METHODS = ("spawn", "forkserver")
 # in this process (both need no SLURM: tests and trying a SLURM config on a laptop).
 CLUSTERS = ("slurm", "local", "debug")
 LAUNCHERS = ("local", "slurm")
-AUTO = "auto"  # `parallel: auto`: processes at once from the CPUs (lightning_synfer/hardware.py:stage_parallelism)
 # A SLURM time limit: [D-]HH:MM:SS, HH:MM or MM.
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 

@@ -18,7 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lightning_synfer.config.sweep import AUTO, START_METHODS
+from lightning_synfer.config.choices import AUTO
+from lightning_synfer.config.sweep import START_METHODS
 from lightning_synfer.scheduling.scheduler import Job
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
