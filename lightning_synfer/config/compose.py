@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from datamodules.adapters import FORMATS
 from lightning_synfer.config.choices import choice_names
+from lightning_synfer.config.clip import validate_clip, validate_shots
 from lightning_synfer.config.errors import ConfigError, check
 from lightning_synfer.config.generator import validate_generator
 from lightning_synfer.config.labeler import validate_labeler
@@ -301,7 +302,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 # Range checks of the task families' own sections, run after the ones above.
-VALIDATORS = [validate_synthesis, validate_ssl, validate_generator, validate_sweep, validate_labeler]
+VALIDATORS = [validate_synthesis, validate_ssl, validate_generator, validate_sweep, validate_labeler, validate_clip,
+              validate_shots]
 
 
 def to_container(cfg: DictConfig) -> dict:

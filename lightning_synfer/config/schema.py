@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from datamodules.adapters import dataset_roots
 from lightning_synfer.config.choices import Choice
+from lightning_synfer.config.clip import ClipConfig
 from lightning_synfer.config.generator import GeneratorConfig
 from lightning_synfer.config.labeler import LabelerConfig, LabelingConfig
 from lightning_synfer.config.ssl import SSLConfig
@@ -26,6 +27,7 @@ class _RunAndModelPaths:
     runs_dir: str = "runs"
     cache_dir: str = ".cache"
     stable_diffusion: str = "/models/stable-diffusion-v1-5"
+    clip: str = "/models/clip-vit-base-patch16"  # a transformers CLIPModel folder (task clip, clip.encoder=hf)
 
 
 # Plus one dataset root per `paths.<name>` that a registered dataset format declares (datamodules/adapters:
@@ -90,6 +92,10 @@ class DatasetConfig:
     seed: int = 0  # embedded: rendering seed; others: subset selection seed
     version: Optional[int] = None  # synthetic: manifest version (None = newest)
     identities: Optional[int] = None  # embedded: how many people the split draws (None: about one per 8 images)
+    # few-shot: exactly `shots` images of every class (datamodules/fewshot.py), drawn after num_images with
+    # shots_seed (null: the run's seed, so that seeds are episodes); an error when a class has fewer
+    shots: int = 0
+    shots_seed: Optional[int] = None
 
 
 @dataclass
@@ -114,6 +120,11 @@ class AugmentConfig:
     rotation: float = 10.0
     color_jitter: float = 0.3
     random_erasing: float = 0.25
+
+
+class AUPolicy(Choice):
+    intersect = "intersect"  # sets with different AU lists: train on the AUs all share, warn about the rest
+    strict = "strict"  # any difference between the sets' AU lists is an error
 
 
 class OnBadImage(Choice):
@@ -141,6 +152,10 @@ class DataConfig:
     mean: Optional[List[float]] = None  # None: from the backbone's pretrained_cfg, else 0.5
     std: Optional[List[float]] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The AU vocabulary (order of batch["aus"], the FAU adapter's inputs, the AU head's outputs); null: the training
+    # set's own list (dataset.json au_names; the renderer's 14 AUs for embedded faces). Any spelling: AU01, AU1, au_1.
+    au_names: Optional[List[str]] = None
+    au_policy: AUPolicy = AUPolicy.intersect
 
 
 @dataclass
@@ -239,6 +254,8 @@ class Config:
     # the diffusion-feature pseudo-labeler and label rectification (lightning_synfer/config/labeler.py)
     labeler: LabelerConfig = field(default_factory=LabelerConfig)  # the model (task `labeler`)
     labeling: LabelingConfig = field(default_factory=LabelingConfig)  # `label`: the ensemble vote on a synthetic set
+    # the vision-language dual encoder (task `clip`) and zero-shot prompts (lightning_synfer/config/clip.py)
+    clip: ClipConfig = field(default_factory=ClipConfig)
     # Task families add their own section here (generator, labeler, ssl, synthesis, sweep, pipeline),
     # each a dataclass in lightning_synfer/config/<family>.py.
 
