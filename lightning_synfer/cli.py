@@ -13,6 +13,9 @@ from typing import Optional
 from lightning_synfer.tasks import DEFAULT_TASK, PLAIN_TASKS, TASKS, load
 
 
+DRY_RUN_KEYS = {"pipeline": "pipeline.dry_run", "sweep": "sweep.dry_run"}
+
+
 def usage() -> str:
     from lightning_synfer.config.compose import list_experiments
 
@@ -40,9 +43,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
     task = DEFAULT_TASK
     if argv and "=" not in argv[0]:
         task = argv.pop(0)
+    if dry_run:  # the flag spelling of pipeline.dry_run / sweep.dry_run
+        if task not in DRY_RUN_KEYS:
+            print(f"error: --dry-run: task '{task}' has no dry run (tasks with one: {', '.join(DRY_RUN_KEYS)})",
+                  file=sys.stderr)
+            return 2
+        argv.append(f"{DRY_RUN_KEYS[task]}=true")
     from lightning_synfer.config.compose import ConfigError, compose
 
     try:

@@ -39,10 +39,39 @@ class StageConfig:
 
 
 @dataclass
+class TableCell:
+    """One number of a report table: a metric of a stage's metrics.json beside the paper's value."""
+
+    stage: str = ""
+    metric: str = ""  # dotted path into the stage's metrics.json, e.g. test.accuracy or fer_accuracy
+    paper: Optional[float] = None  # the paper's number (null: the paper gives none)
+    percent: bool = True  # metric is a fraction shown in % (FID/KID: false)
+
+
+@dataclass
+class TableRow:
+    name: str = ""
+    cells: List[TableCell] = field(default_factory=list)
+
+
+@dataclass
+class ReportTable:
+    """A paper table in the pipeline report: one row per entry, every cell `ours (paper)`."""
+
+    title: str = ""
+    columns: List[str] = field(default_factory=list)  # one per cell of each row
+    note: str = ""
+    rows: List[TableRow] = field(default_factory=list)
+
+
+@dataclass
 class PipelineConfig:
     out: str = "${paths.runs_dir}/pipeline"
     common: List[str] = field(default_factory=list)  # overrides applied to every stage, before its own
     force: List[str] = field(default_factory=list)  # applied to every stage AFTER its own (shrinking for smoke runs)
+    # stage name -> overrides applied after that stage's own and before `force`: an overlay experiment (a child of
+    # the full pipeline, e.g. pipeline/paper_tiny) shrinks single stages without writing the stage list again.
+    stage_overrides: Dict[str, List[str]] = field(default_factory=dict)
     stages: List[StageConfig] = field(default_factory=list)
     # 1: stages one by one in this process. N > 1: each stage its own `run.py` process, up to N at once,
     # a stage starting as soon as the stages it depends on are done. `auto`: N from the CPUs.
@@ -55,6 +84,9 @@ class PipelineConfig:
     executor: str = "local"
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     report: Dict[str, str] = field(default_factory=dict)  # report builder options (see pipeline/report.py)
+    tables: List[ReportTable] = field(default_factory=list)  # paper tables of the report (ours beside the paper's)
+    # Print every stage (dependencies, resources, the command, cached or not) and run nothing (`--dry-run`).
+    dry_run: bool = False
 
 
 def validate_pipeline(pipe: Any) -> None:
@@ -62,6 +94,17 @@ def validate_pipeline(pipe: Any) -> None:
     check_parallel(pipe.parallel, "pipeline.parallel")
     check_start_method(pipe.start_method, "pipeline.start_method")
     check(pipe.executor in EXECUTORS, "pipeline.executor", pipe.executor, f"one of {', '.join(EXECUTORS)}")
+    names = [stage.name for stage in pipe.stages]
+    for name in pipe.stage_overrides:
+        check(name in names, f"pipeline.stage_overrides.{name}", list(pipe.stage_overrides[name]),
+              f"overrides of one of the stages {names}")
+    for table in pipe.tables:
+        for row in table.rows:
+            check(len(row.cells) == len(table.columns), f"pipeline.tables[{table.title}].rows[{row.name}].cells",
+                  len(row.cells), f"one cell per column ({len(table.columns)}: {list(table.columns)})")
+            for cell in row.cells:
+                check(cell.stage in names, f"pipeline.tables[{table.title}].rows[{row.name}].cells.stage", cell.stage,
+                      f"one of the stages {names}")
     for stage in pipe.stages:
         res = stage.resources
         key = f"pipeline.stages[{stage.name}].resources"

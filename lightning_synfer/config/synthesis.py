@@ -69,12 +69,26 @@ class LayoutConfig:
 
 
 @dataclass
+class RealSetConfig:
+    """The real training split whose size sets the synthetic set's (synthesis.real_multiple)."""
+
+    format: str = "affectnet"  # any registered dataset format
+    root: Optional[str] = None  # input: the real dataset folder
+    split: str = "train"
+    num_classes: int = 7  # the label space the split is counted in (AffectNet 7-class train: ~280K faces)
+
+
+@dataclass
 class SynthesisConfig:
     """`synthesize`: which generator, what to generate and where to write it."""
 
     generator: Optional[str] = None  # input: generator export folder or .ckpt (from `fit experiment=generator/...`)
     out: Optional[str] = None  # output folder (a synthetic dataset); reruns resume into it
     num_images: int = 0  # total, when per_class is not given
+    # Set size as a multiple of the real training set instead (the paper's 1x ... 5x): num_images =
+    # round(real_multiple x |real_set|), counted when the task runs; null: num_images as given.
+    real_multiple: Optional[float] = None
+    real_set: RealSetConfig = field(default_factory=RealSetConfig)
     per_class: Any = None  # optional counts: a list in label order or {class name: count}
     class_balanced: bool = True  # equal counts per class; false: the training set's class frequencies
     captions_file: Optional[str] = None  # one caption per line; 'label<TAB>caption' pins a class; {expression}
@@ -127,6 +141,10 @@ def validate_synthesis(cfg: Any) -> None:
     check(g.scale >= 0, "guidance.scale", g.scale, "a step length lambda_g >= 0")
     y = cfg.synthesis
     check(y.num_images >= 0, "synthesis.num_images", y.num_images, "a number of images >= 0")
+    check(y.real_multiple is None or y.real_multiple > 0, "synthesis.real_multiple", y.real_multiple,
+          "null (synthesis.num_images as given) or a multiple > 0 of the real training set's size")
+    check(y.real_multiple is None or y.real_set.format in FORMATS.names(), "synthesis.real_set.format",
+          y.real_set.format, f"one of {FORMATS.names()}")
     check(y.batch_size >= 1, "synthesis.batch_size", y.batch_size, "a per-device batch size >= 1")
     check(y.shard_size >= 1, "synthesis.shard_size", y.shard_size, "images per folder >= 1")
     lay = y.layout

@@ -57,13 +57,16 @@ def downstream_rows(stages: dict[str, dict]) -> list[dict[str, Any]]:
     return rows
 
 
-def build_report(stages: dict[str, dict], out_dir: Path, titles: dict[str, str]) -> str:
+def build_report(stages: dict[str, dict], out_dir: Path, titles: dict[str, str], tables: Sequence[Any] = (),
+                 heading: str = "SynFER pipeline report (embedded miniature)") -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def title(record: dict) -> str:
         return titles.get(record["stage"], record["stage"])
 
-    lines = ["# SynFER pipeline report (embedded miniature)", ""]
+    lines = [f"# {heading}", ""]
+    for table in tables:
+        lines += paper_table(table, stages)
     rows = downstream_rows(stages)
     if rows:
         lines += _table("Supervised FER: real, synthetic and mixed training data",
@@ -94,6 +97,19 @@ def build_report(stages: dict[str, dict], out_dir: Path, titles: dict[str, str])
     text = "\n".join(lines)
     atomic_write_text(out_dir / "report.md", text)
     return text
+
+
+def paper_table(table: Any, stages: dict[str, dict]) -> list[str]:
+    """One `pipeline.tables` entry: every cell `ours (paper)`, ours from the named stage's metrics.json."""
+    def cell(c: Any) -> str:
+        value = _get(stages[c.stage].get("metrics") or {}, c.metric)
+        ours = "–" if not isinstance(value, (int, float)) else _pct(value) if c.percent else _fmt(value)
+        paper = "–" if c.paper is None else f"{c.paper:.2f}"
+        return f"{ours} ({paper})"
+
+    rows = [(row.name, *[cell(c) for c in row.cells]) for row in table.rows]
+    intro = "Each cell: ours (the paper's)." + (f" {table.note}" if table.note else "")
+    return _table(table.title, ("row", *table.columns), rows, intro=intro)
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], intro: str = "") -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -98,6 +99,51 @@ def stage_dependencies(stage: DictConfig, common: list[str], force: tuple[str, .
     return deps
 
 
+def after_own_overrides(pipe: DictConfig, stage: DictConfig) -> tuple[str, ...]:
+    """What a stage gets after its own overrides: its `pipeline.stage_overrides` entry, then `pipeline.force`."""
+    return (*pipe.stage_overrides.get(stage.name, []), *pipe.force)
+
+
+SHOWN_SLURM_PARAMETERS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "timeout_min",
+                          "slurm_partition")
+
+
+def print_plan(cfg: DictConfig, root: Path, graph: dict[str, list[str]], log: Callable[[str], None]) -> None:
+    """`pipeline.dry_run`: every stage with what it waits for, its resources, its command and whether it is cached.
+
+    A stage that has not run yet gets the cache key and artifact paths it will have once the stages before it
+    ran with the same config, so the commands shown are the ones that will run."""
+    pipe = cfg.pipeline
+    done: dict[str, dict[str, Any]] = {}
+    cached = 0
+    log(f"[synfer] pipeline {cfg.experiment}: {len(pipe.stages)} stages, executor={pipe.executor}, "
+        f"parallel={pipe.parallel}, out={root}")
+    for i, stage in enumerate(pipe.stages, 1):
+        force = after_own_overrides(pipe, stage)
+        key = stage_key(stage, list(pipe.common), done, force)
+        stage_dir = root / f"{i:02d}-{stage.name}-{key}"
+        run_dir = stage_dir / "run"
+        record_path = stage_dir / "stage.json"
+        if record_path.is_file():
+            done[stage.name] = json.loads(record_path.read_text())
+            state = "cached"
+            cached += 1
+        else:
+            done[stage.name] = {"key": key, "artifacts": {a: str(run_dir / rel) for a, rel in stage.artifacts.items()}}
+            state = "to run"
+        overrides = [_substitute(o, done, run_dir, stage.name) for o in [*pipe.common, *stage.overrides, *force]]
+        if pipe.executor == "slurm":
+            params, shape = _slurm_job(pipe, stage)
+            where = "slurm " + " ".join(f"{k}={params[k]}" for k in SHOWN_SLURM_PARAMETERS if params.get(k))
+        else:
+            shape, where = [], "local"
+        command = " ".join(shlex.quote(a) for a in ["run.py", stage.task, f"experiment={stage.experiment}",
+                                                    *overrides, *shape, f"run_dir={run_dir}"])
+        log(f"[synfer] {i:02d} {stage.name} [{state}] after={graph[stage.name] or '-'} {where}")
+        log(f"         {command}")
+    log(f"[synfer] dry run: {cached} of {len(pipe.stages)} stages cached, nothing started")
+
+
 def _check_stages(cfg: DictConfig) -> None:
     pipe = cfg.pipeline
     if not pipe.stages:
@@ -149,7 +195,7 @@ class _Run:
     def prepare(self, name: str) -> Optional[Job]:
         pipe = self.cfg.pipeline
         i, stage = next((i, s) for i, s in enumerate(pipe.stages, 1) if s.name == name)
-        common, force = list(pipe.common), tuple(pipe.force)
+        common, force = list(pipe.common), after_own_overrides(pipe, stage)
         key = stage_key(stage, common, self.done, force)
         stage_dir = self.root / f"{i:02d}-{stage.name}-{key}"
         title = f"stage {i}/{len(pipe.stages)} {stage.title or stage.name}"
@@ -205,9 +251,13 @@ def run_pipeline(cfg: DictConfig, *, log: Callable[[str], None] = print) -> dict
     _check_stages(cfg)
     pipe = cfg.pipeline
     names = [s.name for s in pipe.stages]
-    common, force = list(pipe.common), tuple(pipe.force)
-    graph = {s.name: stage_dependencies(s, common, force, names[:i]) for i, s in enumerate(pipe.stages)}
+    common = list(pipe.common)
+    graph = {s.name: stage_dependencies(s, common, after_own_overrides(pipe, s), names[:i])
+             for i, s in enumerate(pipe.stages)}
     root = Path(pipe.out) / cfg.experiment.replace("/", "_")
+    if pipe.dry_run:
+        print_plan(cfg, root, graph, log)
+        return {}
     root.mkdir(parents=True, exist_ok=True)
     executor, parallel = _executor(pipe, root)
     state = _Run(cfg, root, log, executor.in_process)

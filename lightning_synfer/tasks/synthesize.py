@@ -156,11 +156,35 @@ def synthesis_module(cfg: DictConfig, gen: Any, gen_id: str, label_names: Sequen
                            layout_strength=layout.strength, generator_id=gen_id)
 
 
+def resolve_set_size(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """synthesis.real_multiple: set synthesis.num_images to that multiple of the real training split's size
+    (counted now, in the split's own label space). Returns what was counted, or None when num_images is given."""
+    y = cfg.synthesis
+    if y.real_multiple is None:
+        return None
+    from datamodules.adapters import load_records
+    from datamodules.labels import LabelSpace
+
+    real = y.real_set
+    records = load_records(real.format, real.root, real.split, LabelSpace.from_num_classes(int(real.num_classes)),
+                           key="synthesis.real_set.root")
+    if not len(records):
+        raise ValueError(f"synthesis.real_set.root={real.root}: no {real.format} {real.split} images to size the "
+                         f"synthetic set by (synthesis.real_multiple={y.real_multiple})")
+    num = int(round(float(y.real_multiple) * len(records)))
+    if y.num_images and y.num_images != num:
+        raise ConfigError(f"synthesis.num_images={y.num_images} and synthesis.real_multiple={y.real_multiple} "
+                          f"(= {num} images of {len(records)} real) disagree; set one of them")
+    y.num_images = num
+    return {"real_images": len(records), "real_multiple": float(y.real_multiple), "num_images": num}
+
+
 def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, generator: Any = None,
         callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """`generator`: an already built GeneratorModule (tests, notebooks) instead of synthesis.generator."""
     if not cfg.synthesis.out:
         raise ConfigError("synthesize needs synthesis.out=DIR (the synthetic dataset folder to write or resume)")
+    set_size = resolve_set_size(cfg)
     gen = generator if generator is not None else load_generator(cfg)
     # eval() only: GeneratorModule's EMA swap reads the trainable set from requires_grad, so no freezing here
     # (sampling runs under no_grad; semantic guidance differentiates w.r.t. the text embedding only).
@@ -215,6 +239,8 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, generator: Any = N
                "complete": len(records) == len(specs), **peak_memory_mb()}
     if merged is not None:
         metrics["merged"] = merged
+    if set_size is not None:
+        metrics["set_size"] = set_size
     print(f"[synfer] synthesize: {len(records)}/{len(specs)} records in {out}/manifest.jsonl, "
           f"{new} new at {metrics['images_per_s'] or 0:.2f} images/s", flush=True)
     return finish(run_dir, metrics)
