@@ -7,7 +7,10 @@ depends on the class, so a model can even learn something from them.
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import stat
+import string
 import zlib
 from pathlib import Path
 from typing import Optional, Sequence
@@ -147,6 +150,63 @@ def make_synthetic_set(root, n: int = 16, num_classes: int = 7, aus: bool = True
             rec["aus"] = [float(v) for v in rng.uniform(0, 1, len(au_names)).round(4)]
         records.append(rec)
     write_manifest(str(root), records, version=version)
+    return root
+
+
+def make_tiny_sd(root) -> Path:
+    """A diffusers SD folder built from config dicts: tiny UNet (4 latent channels), VAE (downsamples by 2), CLIP
+    text model + tokenizer (16 positions), scheduler; every part saved with save_pretrained. Returns root."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(root)
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=2, norm_num_groups=8).save_pretrained(root / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=8, sample_size=16).save_pretrained(root / "vae")
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=16, vocab_size=100)).save_pretrained(root / "text_encoder")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + "',.-":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (root / "tok_src").mkdir()
+    (root / "tok_src" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "tok_src" / "merges.txt").write_text("#version: 0.2\n")  # no merges: character-level BPE
+    # model_max_length = the text model's positions: a stock StableDiffusionPipeline pads prompts to it.
+    CLIPTokenizer(str(root / "tok_src" / "vocab.json"), str(root / "tok_src" / "merges.txt"),
+                  model_max_length=16).save_pretrained(root / "tokenizer")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False).save_pretrained(root / "scheduler")
+    shutil.rmtree(root / "tok_src")
+    return root
+
+
+def write_fetext(affectnet_root, num_classes: int = 7) -> Path:
+    """The FEText annotation the paper generator configs train on, INTO an AffectNet root (make_affectnet): the
+    synthetic dataset format (dataset.json + manifest.jsonl), one record per training image with its AffectNet path,
+    label, an expression caption and AU intensities (the procedural faces' AU list). Returns the root."""
+    from datamodules.adapters import load_records
+    from datamodules.labels import LabelSpace
+    from datamodules.procedural.aus import AU_NAMES
+    from datamodules.synthetic import write_header, write_manifest
+
+    root = Path(affectnet_root)
+    space = LabelSpace.from_num_classes(num_classes)
+    rng = np.random.default_rng(0)
+    records = []
+    for i, rec in enumerate(load_records("affectnet", str(root), "train", space)):
+        name = space.names[rec.label]
+        records.append({"id": f"fetext-{i:06d}", "image": str(Path(rec.image).relative_to(root.resolve())),
+                        "label": int(rec.label), "caption": f"a photo of a {name} face",
+                        "aus": [float(v) for v in rng.uniform(0, 1, len(AU_NAMES)).round(4)]})
+    write_header(str(root), list(space.names), list(AU_NAMES), generator="fetext-fixture")
+    write_manifest(str(root), records, version=1)
     return root
 
 

@@ -1,12 +1,12 @@
 """GeneratorModule: training step, export/load, fit + resume with EMA, the sd profile on a tiny SD folder."""
 import json
-import string
 from pathlib import Path
 
 import pytest
 import torch
 
 
+from fixtures import make_tiny_sd
 from lightning_synfer.config import compose
 from lightning_synfer.config.compose import to_container
 from lightning_synfer.models.au_adapter import AUAttnProcessor
@@ -132,35 +132,6 @@ def test_sd_profile_missing_path_errors(tiny, tmp_path):
     (tmp_path / "half" / "vae").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"half: missing unet/config.json"):
         _module(tiny, "generator.profile=sd", f"generator.pretrained_path={tmp_path / 'half'}")
-
-
-def make_tiny_sd(root: Path) -> Path:
-    """A diffusers SD folder built from config dicts: tiny UNet (4 latent channels), VAE, CLIP text + tokenizer."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                         attention_head_dim=2, norm_num_groups=8).save_pretrained(root / "unet")
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  norm_num_groups=8, sample_size=16).save_pretrained(root / "vae")
-    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 max_position_embeddings=16, vocab_size=100)).save_pretrained(root / "text_encoder")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + "',.-":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    (root / "tok_src").mkdir()
-    (root / "tok_src" / "vocab.json").write_text(json.dumps(vocab))
-    (root / "tok_src" / "merges.txt").write_text("#version: 0.2\n")  # no merges: character-level BPE
-    CLIPTokenizer(str(root / "tok_src" / "vocab.json"), str(root / "tok_src" / "merges.txt")).save_pretrained(
-        root / "tokenizer")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False).save_pretrained(root / "scheduler")
-    return root
 
 
 def test_sd_profile_lora_on_tiny_sd_folder(tiny, tmp_path):

@@ -177,13 +177,9 @@ def test_bad_labeler_config_names_the_key(tiny, tmp_path):
 
 
 def test_stable_diffusion_folder_reads_latents_of_the_vae(tiny, tmp_path):
-    import importlib.util
+    from fixtures import make_tiny_sd
 
-    # The tiny SD folder builder of the generator tests (tests are not a package: load it by path).
-    spec = importlib.util.spec_from_file_location("_gen_tests", Path(__file__).with_name("test_generator.py"))
-    gen_tests = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen_tests)
-    sd = gen_tests.make_tiny_sd(tmp_path / "sd")
+    sd = make_tiny_sd(tmp_path / "sd")
     m = _module(tiny, "data.image_size=16", f"labeler.unet_path={sd}").eval()
     assert m.frozen_spec["source"] == "sd" and m.latent_encoder is not None
     x = torch.rand(2, 1, 16, 16) * 2 - 1  # grayscale in, RGB to the VAE
