@@ -194,6 +194,8 @@ def build_trainer(
     on SyncBatchNorm when more than one process trains (see `resolve_sync_batchnorm`).
     """
     t = cfg.trainer
+    if monitor == "val/acc" and cfg.get("data") is not None and cfg.data.get("val") is None:
+        monitor = None  # no validation set (data.val: null, e.g. few-shot runs): no best.ckpt, the last weights
     loggers = _loggers(cfg, run)
     cbs = _callbacks(cfg, run, monitor=monitor, mode=mode, checkpoints=enable_checkpointing, lr_monitor=bool(loggers))
     cbs.extend(callbacks)

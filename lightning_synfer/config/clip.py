@@ -88,6 +88,7 @@ def validate_clip(cfg: Any) -> None:
     if cfg.task == "clip" and c.encoder == "hf":
         check(bool(c.pretrained_path), "clip.pretrained_path", c.pretrained_path,
               "a local CLIPModel folder (paths.clip or $SYNFER_CLIP) when clip.encoder=hf")
+        check(cfg.data.channels == 3, "data.channels", cfg.data.channels, "3 (RGB) for clip.encoder=hf")
 
 
 def validate_shots(cfg: Any) -> None:

@@ -15,6 +15,7 @@ MODULES: dict[str, str] = {
     "ssl_linear": "lightning_synfer.modules.probe:LinearProbe",
     "ssl_finetune": "lightning_synfer.modules.probe:FinetuneProbe",
     "labeler": "lightning_synfer.modules.labeler:PseudoLabelerModule",  # diffusion-feature pseudo-labeler
+    "clip": "lightning_synfer.modules.clip:CLIPModule",  # image-caption dual encoder, zero-shot by prompt ensembles
 }
 
 
