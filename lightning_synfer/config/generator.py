@@ -44,6 +44,12 @@ class GeneratorConfig:
     lora_rank: int = 0  # > 0: LoRA on to_q/to_k/to_v/to_out.0 instead of a full UNet fine-tune
     lora_alpha: Optional[float] = None  # None: = lora_rank
     train_unet: bool = True  # false: only the AU adapter (and text projection) train on a frozen base
+    # An earlier GeneratorModule export (save_pretrained folder) or the name of a base shipped in
+    # lightning_synfer/pretrained/: its UNet (architecture and EMA weights), text projection, patching and noise
+    # schedule start this run, as SD's weights start a fine-tune; an AU adapter in it loads when its AU list matches.
+    # The tiny profile's UNet dims below are then the export's. Stage 2 of the paper's recipe: init_from=<stage 1
+    # export> with train_unet=false.
+    init_from: Optional[str] = None
     gradient_checkpointing: bool = False
 
     # text conditioning
@@ -70,7 +76,11 @@ class GeneratorConfig:
     ema_decay: float = 0.999
     ema_update_after_step: int = 0
 
-    # tiny profile UNet dims (pixel space)
+    # tiny profile: the UNet runs on non-overlapping patch_size x patch_size pixel patches stacked as channels
+    # (pixel_unshuffle: a lossless, parameter-free 'latent space'); 4 turns a 32 px face into 8x8x16, ~3x cheaper
+    # per denoising step on a CPU than a UNet at full resolution (docs/BENCHMARKS.md).
+    patch_size: int = 1
+    # tiny profile UNet dims
     block_out_channels: List[int] = field(default_factory=lambda: [16, 32, 64])
     layers_per_block: int = 1
     attention_levels: List[bool] = field(default_factory=lambda: [False, False, True])  # cross-attn per level
@@ -108,9 +118,11 @@ def validate_generator(cfg: Any) -> None:
             value = cfg.data.get(key)
             check(value is None or all(v == 0.5 for v in value), f"data.{key}", value,
                   "null or 0.5 per channel (the generator models images in [-1, 1])")
-    if g.profile == "tiny":
-        down = 2 ** (len(g.block_out_channels) - 1)
+    check(g.patch_size >= 1, "generator.patch_size", g.patch_size, "a positive patch side in pixels (1 = no patching)")
+    if g.profile == "tiny" and not g.init_from:  # with init_from the export's UNet is checked against the data
+        down = 2 ** (len(g.block_out_channels) - 1) * g.patch_size
         check(cfg.data.image_size % down == 0, "data.image_size", cfg.data.image_size,
-              f"a multiple of {down} (the tiny UNet downsamples {len(g.block_out_channels) - 1} times)")
+              f"a multiple of {down} (patches of {g.patch_size} px, then the tiny UNet downsamples "
+              f"{len(g.block_out_channels) - 1} times)")
         check(g.text_encoder != "clip", "generator.text_encoder", g.text_encoder,
               "minilm or tiny for the tiny profile (clip comes from an SD folder: profile=sd)")

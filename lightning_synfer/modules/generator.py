@@ -55,6 +55,7 @@ from lightning_synfer.models.au_adapter import (AUAdapter, install_au_processors
                                                 save_au_adapter, set_au_scale)
 from lightning_synfer.models.text_encoders import DTYPES, TextEncoder, build_text_encoder, TinyTextEncoder
 from lightning_synfer.models.unets import build_tiny_unet, check_sd_folder, load_unet
+from lightning_synfer.pretrained import resolve_export
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,11 @@ def save_unet_folder(unet: UNet2DConditionModel, folder: Path) -> None:
     save_file(merged_unet_state(unet), str(folder / "diffusion_pytorch_model.safetensors"))
 
 
+def base_unet_folder(base: Path) -> Path:
+    """The UNet a fine-tune starts from: the base's EMA weights (the ones it samples with) when it has them."""
+    return base / "unet_ema" if (base / "unet_ema" / "config.json").is_file() else base / "unet"
+
+
 def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023) at the sampled timesteps' alpha_bar:
     min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets; SNR = a / (1 - a)."""
@@ -114,17 +120,22 @@ class GeneratorModule(L.LightningModule):
                              f"generator.train_unet=false; set train_unet=true or lora_rank=0")
 
         self.vae: Optional[AutoencoderKL] = None
+        self.base: Optional[Path] = resolve_export(g.init_from) if g.init_from else None
+        self.base_meta: dict = json.loads((self.base / "generator_config.json").read_text()) if self.base else {}
+        self.patch_size = int(self.base_meta.get("patch_size", 1)) if self.base else int(g.patch_size)
         self._build_diffusion_model(g, channels)
         self.text_encoder: TextEncoder = build_text_encoder(g, str(self.sd_path) if g.profile == "sd" else None)
         cross_dim = int(self.unet.config.cross_attention_dim)
         # Trainable map from the frozen text width to the UNet's cross-attention width.
         self.text_proj: nn.Module = nn.Linear(self.text_encoder.dim, cross_dim) \
             if self.text_encoder.dim != cross_dim else nn.Identity()
-        self._set_unet_trainable(g)
         self.au_adapter: Optional[AUAdapter] = None
         if g.au_adapter:
             self.au_adapter = AUAdapter(len(self.au_names), cross_dim, g.num_au_tokens, g.au_hidden, self.au_names)
             self.au_adapter.processors = install_au_processors(self.unet, g.num_au_tokens, g.au_scale)
+        if self.base is not None:
+            self._init_from_base()
+        self._set_unet_trainable(g)
         if g.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         # Frozen pretrained parts are not stored in Lightning checkpoints (they are re-read from pretrained_path).
@@ -152,15 +163,59 @@ class GeneratorModule(L.LightningModule):
             root = check_sd_folder(self.sd_path)
             if g.text_encoder == "clip":
                 check_sd_folder(root, required=("text_encoder/config.json", "tokenizer"))
-            self.unet = load_unet(root / "unet")
+            self.unet = load_unet(base_unet_folder(self.base) if self.base else root / "unet")
             self.vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True,
                                                      dtype=DTYPES[g.frozen_dtype])
             self.vae.requires_grad_(False).eval()
             self.noise_scheduler = self._sd_scheduler(root)
+        elif self.base is not None:
+            size, meta = int(self.cfg.data.image_size), self.base_meta
+            if (meta.get("image_size"), meta.get("channels")) != (size, channels) or meta.get("profile") != "tiny":
+                raise ValueError(f"generator.init_from={g.init_from}: a {meta.get('profile')} generator of "
+                                 f"{meta.get('image_size')} px x {meta.get('channels')} channels; this run has "
+                                 f"profile=tiny, data.image_size={size}, data.channels={channels}")
+            self.unet = load_unet(base_unet_folder(self.base))
+            self.noise_scheduler = self._sd_scheduler(self.base)  # the base's betas, as for SD
         else:
-            self.unet = build_tiny_unet(g, int(self.cfg.data.image_size), channels)
+            p = self.patch_size
+            self.unet = build_tiny_unet(g, int(self.cfg.data.image_size) // p, channels * p * p)
             self.noise_scheduler = DDPMScheduler(num_train_timesteps=g.num_train_timesteps, beta_schedule=g.beta_schedule,
                                                  prediction_type=g.prediction_type, clip_sample=True)
+
+    def _init_from_base(self) -> None:
+        """The base's text projection (and AU adapter, when it has one for these AUs), EMA weights first."""
+        from safetensors.torch import load_file
+
+        base, meta = self.base, self.base_meta
+        ours, theirs = self.text_encoder.reference(), meta.get("text_encoder") or {}
+        if ours.get("kind") != theirs.get("kind"):
+            raise ValueError(f"generator.init_from={self.gcfg.init_from}: its text encoder is {theirs.get('kind')}, "
+                             f"this run's generator.text_encoder is {ours.get('kind')}; they must match")
+        if isinstance(self.text_encoder, TinyTextEncoder):
+            self.text_encoder = TinyTextEncoder.from_folder(base / "text_encoder", cache_size=self.gcfg.text_cache_size)
+
+        def best(name: str) -> Optional[Path]:
+            for suffix in ("_ema", ""):
+                if (base / f"{name}{suffix}.safetensors").is_file():
+                    return base / f"{name}{suffix}.safetensors"
+            return None
+
+        if isinstance(self.text_proj, nn.Linear):
+            weights = best("text_projection")
+            if weights is None:
+                raise FileNotFoundError(f"generator.init_from={base}: missing text_projection.safetensors (the map "
+                                        f"from the {ours.get('kind')} text width to the UNet's)")
+            self.text_proj.load_state_dict(load_file(str(weights)))
+        adapter = best("au_adapter")
+        if self.au_adapter is not None and adapter is not None:
+            same = meta.get("au_names") == self.au_names and int(meta.get("num_au_tokens", -1)) == \
+                int(self.gcfg.num_au_tokens)
+            if same:
+                self.load_au_adapter(adapter)
+            else:
+                log.info("generator.init_from=%s: its AU adapter (%s AUs, %s tokens) does not fit this run's "
+                         "(%d AUs, %d tokens): the adapter starts fresh", base, len(meta.get("au_names") or []),
+                         meta.get("num_au_tokens"), len(self.au_names), int(self.gcfg.num_au_tokens))
 
     def _set_unet_trainable(self, g: DictConfig) -> None:
         """The UNet's trainable set: all of it, LoRA weights only, or nothing (adapter-only on a frozen base)."""
@@ -174,7 +229,9 @@ class GeneratorModule(L.LightningModule):
 
     @property
     def sd_path(self) -> Optional[str]:
-        return self.gcfg.pretrained_path or self.cfg.model.get("pretrained_path")
+        # An SD-profile export is itself a complete SD folder: init_from alone is enough.
+        return self.gcfg.pretrained_path or self.cfg.model.get("pretrained_path") or \
+            (str(self.base) if self.base is not None and self.profile == "sd" else None)
 
     def _sd_scheduler(self, root: Path) -> DDPMScheduler:
         g = self.gcfg
@@ -232,22 +289,24 @@ class GeneratorModule(L.LightningModule):
 
     def images_to_model_space(self, images_m11: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
-            return images_m11
-        x = images_m11.expand(-1, 3, -1, -1) if images_m11.shape[1] == 1 else images_m11  # SD's VAE is RGB
+            return F.pixel_unshuffle(images_m11, self.patch_size) if self.patch_size > 1 else images_m11
+        rgb = int(self.vae.config.in_channels) == 3 and images_m11.shape[1] == 1
+        x = images_m11.expand(-1, 3, -1, -1) if rgb else images_m11  # SD's VAE is RGB
         with torch.no_grad():
             z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample()
         return (z * self.vae.config.scaling_factor).float()
 
     def model_space_to_images(self, z: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
-            return z.clamp(-1, 1)
+            return (F.pixel_shuffle(z, self.patch_size) if self.patch_size > 1 else z).clamp(-1, 1)
         x = self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
         return x.float().clamp(-1, 1)
 
     def sample_shape(self, batch: int) -> tuple:
         size = int(self.cfg.data.image_size)
         if self.vae is None:
-            return (batch, int(self.cfg.data.channels), size, size)
+            p = self.patch_size
+            return (batch, int(self.cfg.data.channels) * p * p, size // p, size // p)
         return (batch, int(self.vae.config.latent_channels), size // self.vae_scale, size // self.vae_scale)
 
     @contextmanager
@@ -488,7 +547,7 @@ class GeneratorModule(L.LightningModule):
             "sample_shape": list(self.sample_shape(1)[1:]), "prediction_type": self.prediction_type,
             "au_adapter": self.au_adapter is not None, "num_au_tokens": int(self.gcfg.num_au_tokens),
             "au_scale": float(self.gcfg.au_scale), "text_encoder": ref, "ema": self.ema is not None,
-            "cross_attention_dim": int(self.unet.config.cross_attention_dim),
+            "cross_attention_dim": int(self.unet.config.cross_attention_dim), "patch_size": self.patch_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
         atomic_write_text(folder / "generator_config.json", json.dumps(meta, indent=2))  # last: marks a complete export
@@ -535,6 +594,8 @@ class GeneratorModule(L.LightningModule):
         config = meta["config"]
         gen = dict(config["generator"])
         gen["lora_rank"] = 0  # the export holds merged weights
+        # The UNet's architecture, patching and schedule are the export's own (the base it started from may be gone).
+        gen["init_from"] = str(folder)
         if meta["profile"] == "sd":
             gen["pretrained_path"] = str(folder)  # the export is itself an SD folder
             config["model"] = {**config.get("model", {}), "pretrained_path": None}

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_synfer import optim
@@ -146,7 +147,7 @@ def _from_generator(path: Path, t: int, caption: str) -> dict[str, Any]:
         au = {"num_tokens": int(gen.au_adapter.num_tokens), "scale": float(proc.scale)}
     vae = gen.vae
     return {"unet": unet, "vae": vae, "cond": cond, "au": au, "alpha_bar": _alpha_bar(gen.noise_scheduler, t),
-            "source": "generator"}
+            "source": "generator", "patch_size": gen.patch_size}
 
 
 def _from_sd_folder(root: Path, t: int, caption: str, seed: int) -> dict[str, Any]:
@@ -173,7 +174,8 @@ def source_spec(src: dict[str, Any], path: Optional[str]) -> dict[str, Any]:
     """Everything needed to rebuild the frozen parts' architecture without their folder."""
     return {"source": src["source"], "path": path, "unet_config": _plain(src["unet"].config),
             "vae_config": _plain(src["vae"].config) if src["vae"] is not None else None,
-            "au": src["au"], "alpha_bar": float(src["alpha_bar"]), "cond_shape": list(src["cond"].shape)}
+            "au": src["au"], "alpha_bar": float(src["alpha_bar"]), "cond_shape": list(src["cond"].shape),
+            "patch_size": int(src.get("patch_size", 1))}
 
 
 def build_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +185,7 @@ def build_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
     unet = UNet2DConditionModel.from_config(spec["unet_config"])
     vae = AutoencoderKL.from_config(spec["vae_config"]) if spec.get("vae_config") else None
     return {"unet": unet, "vae": vae, "cond": torch.zeros(spec["cond_shape"]), "au": spec.get("au"),
-            "alpha_bar": spec["alpha_bar"], "source": spec["source"]}
+            "alpha_bar": spec["alpha_bar"], "source": spec["source"], "patch_size": int(spec.get("patch_size", 1))}
 
 
 # ------------------------------------------------------------------------------------------- module
@@ -223,7 +225,9 @@ class PseudoLabelerModule(FERClassifierModule):
         self.register_buffer("conditioning", src["cond"].detach().float().clone())
         self.alpha_bar = float(src["alpha_bar"])
         self.frozen_dtype = dtype
-        self.unet_in_channels = int(unet.config.in_channels)
+        # A patching generator's UNet denoises pixel_unshuffle(image): its input channels are channels x patch^2.
+        self.patch_size = int(src.get("patch_size", 1))
+        self.unet_in_channels = int(unet.config.in_channels) // self.patch_size ** 2
 
         num_au = int(src["au"]["num_tokens"]) if src["au"] else 0
         text_tokens = int(spec["cond_shape"][0]) - num_au
@@ -289,6 +293,8 @@ class PseudoLabelerModule(FERClassifierModule):
         x = x.to(self.frozen_dtype)
         if self.latent_encoder is not None:
             x = self.latent_encoder(x)
+        elif self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         return x
 
     def noise_like(self, x: torch.Tensor) -> torch.Tensor:
