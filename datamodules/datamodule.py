@@ -2,9 +2,11 @@
 
 Batch format (dict), the same for every LightningModule:
     image       float (B, C, H, W), normalised; a list of such tensors for multi-view (SSL) transforms
-    label       int64 (B,)           intended/hard label in the run's label space
+    label       int64 (B,)           intended/hard label in the run's label space; -1 for an unlabelled face
+                                     (generator training on `annotate`d folders only; label_soft is then all zero)
     label_soft  float (B, num_classes) distribution (one-hot for hard labels; rectified soft labels)
-    aus         float (B, K)         AU intensities in [0, 1] ordered as `au_names` (zeros if unknown)
+    aus         float (B, K)         AU intensities in [0, 1] ordered as `au_names`, the run's AU vocabulary
+                                     (`resolve_au_names`: data.au_names or the training set's list); zeros if unknown
     has_aus     bool (B,)
     caption     list[str]            dataset caption, or a label template when the dataset has none
     domain      int64 (B,)           0 real, 1 synthetic
@@ -35,14 +37,95 @@ log = logging.getLogger(__name__)
 
 
 def default_au_names() -> list[str]:
+    """The embedded renderer's AU list (datamodules/procedural/aus.py): the embedded faces' own vocabulary."""
     from datamodules.procedural.aus import AU_NAMES
 
     return list(AU_NAMES)
 
 
+LABEL_FREE_TASKS = ("generator",)  # module families that train without class labels (captions + AUs suffice)
+_AU_SOURCES = ("train", "synthetic", "val", "test")  # train first: by default the vocabulary is the training set's
+_announced: set[str] = set()  # warnings already given in this process (fit resolves before the DataModule does)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _announced:
+        _announced.add(message)
+        log.warning(message)
+
+
+def dataset_au_names(ds_cfg: Any) -> Optional[tuple[list[str], str]]:
+    """(AU list, where it is declared) of one configured set: the renderer's list for embedded faces, the header's
+    `au_names` for synthetic-format sets (generated or `annotate`d); None for formats without AUs or an unreadable
+    header (loading the set reports that one)."""
+    if ds_cfg.format == "embedded":
+        return default_au_names(), "the embedded renderer (datamodules/procedural/aus.py)"
+    if ds_cfg.format != "synthetic" or not ds_cfg.root:
+        return None
+    from datamodules.synthetic import HEADER_FILE, ManifestError, read_header
+
+    try:
+        names = read_header(str(ds_cfg.root)).get("au_names") or []
+    except (FileNotFoundError, ManifestError):
+        return None
+    return (list(names), os.path.join(str(ds_cfg.root), HEADER_FILE)) if names else None
+
+
+def resolve_au_names(cfg: DictConfig) -> list[str]:
+    """The run's AU vocabulary (canonical names, the order of `batch["aus"]`): `data.au_names`, or else the training
+    set's own list. Every other set that declares AUs must fit it: with `data.au_policy: intersect` (the default)
+    the vocabulary shrinks to the AUs all sets share, with a warning naming what each set loses; with `strict` any
+    difference is an error. AUs that `data.au_names` asks for and a set lacks are always an error. When no set
+    declares AUs, the renderer's list is kept (every sample then has `has_aus` false)."""
+    from datamodules.au_vocabulary import (AUVocabularyError, au_difference, canonical_aus, describe_difference,
+                                           intersect)
+
+    data = cfg.data
+    declared = []
+    for name in _AU_SOURCES:
+        ds_cfg = data.get(name)
+        if ds_cfg is None:
+            continue
+        found = dataset_au_names(ds_cfg)
+        if found is not None:
+            declared.append((f"data.{name}", canonical_aus(found[0], source=found[1]), found[1]))
+    explicit = data.get("au_names")
+    if explicit:
+        target = canonical_aus(list(explicit), source="data.au_names")
+    elif declared:
+        target = list(declared[0][1])
+    else:
+        return default_au_names()
+    wanted = "data.au_names" if explicit else f"the training set's AU list ({declared[0][0]})"
+    strict = data.get("au_policy", "intersect") == "strict"
+    for key, names, where in declared:
+        missing, extra = au_difference(names, target)
+        if not (missing or extra):
+            continue
+        if strict or (explicit and missing):
+            fix = "set data.au_policy=intersect to train on the AUs all sets share" if strict else \
+                "drop them from data.au_names"
+            raise AUVocabularyError(f"{key} ({where}): its AUs {names} do not match {wanted} {target}: "
+                                    f"{describe_difference(missing, extra)}; {fix}")
+        target = intersect(target, names)
+    if not target:
+        raise AUVocabularyError("data.*: the data sets share no AU ("
+                                + "; ".join(f"{k} ({w}): {n}" for k, n, w in declared) + "); expected at least one "
+                                "common AU, or data.au_names naming the AUs to use")
+    for key, names, where in declared:
+        _, dropped = au_difference(names, target)
+        if dropped:
+            _warn_once(f"{key} ({where}): AUs {dropped} are not in the run's AU vocabulary {target} "
+                       f"(data.au_policy=intersect keeps the AUs all sets share); they are dropped from its samples")
+    return target
+
+
 def label_caption(name: str) -> str:
     """Caption for datasets without captions (FER2013, RAF-DB...): the expression in a template."""
     return f"a close-up photo of a face looking {name}"
+
+
+FACE_CAPTION = "a close-up photo of a face"  # an unlabelled face without a caption
 
 
 class FERDataset(Dataset):
@@ -88,8 +171,9 @@ class FERDataset(Dataset):
         if rec.label_soft is not None:
             soft = torch.as_tensor(rec.label_soft, dtype=torch.float32)
         else:
-            soft = torch.zeros(self.num_classes)
-            soft[rec.label] = 1.0
+            soft = torch.zeros(self.num_classes)  # stays all-zero for an unlabelled face (label -1)
+            if rec.label >= 0:
+                soft[rec.label] = 1.0
         has_aus = rec.aus is not None
         aus = torch.as_tensor(rec.aus, dtype=torch.float32) if has_aus else torch.zeros(self.au_dim)
         return {
@@ -98,7 +182,7 @@ class FERDataset(Dataset):
             "label_soft": soft,
             "aus": aus,
             "has_aus": torch.tensor(has_aus),
-            "caption": rec.caption or label_caption(self.label_names[rec.label]),
+            "caption": rec.caption or (label_caption(self.label_names[rec.label]) if rec.label >= 0 else FACE_CAPTION),
             "domain": torch.tensor(rec.domain, dtype=torch.long),
             "index": torch.tensor(index, dtype=torch.long),
             # In a loader worker `self.bad` is the worker's copy: the sample itself carries the failures home.
@@ -148,7 +232,7 @@ class FERDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.data = cfg.data
         self.label_space = LabelSpace.from_num_classes(self.data.num_classes)
-        self.au_names = default_au_names()
+        self.au_names = resolve_au_names(cfg)
         channels = self.data.channels
         norm = normalization or {}
         self.mean = list(self.data.mean or norm.get("mean") or [0.5] * channels)
@@ -167,7 +251,8 @@ class FERDataModule(L.LightningDataModule):
         if ds_cfg.format == "embedded":
             from datamodules.procedural.dataset import render_split_cached
 
-            return render_split_cached(**embedded_split_args(self.cfg, ds_cfg)).to_records(domain=0)
+            records = render_split_cached(**embedded_split_args(self.cfg, ds_cfg)).to_records(domain=0)
+            return self._align_aus(records, ds_cfg, key)
         from datamodules.adapters import load_records
 
         if not ds_cfg.root:
@@ -176,8 +261,8 @@ class FERDataModule(L.LightningDataModule):
                               version=ds_cfg.get("version"))
         skipped = list(loaded.skipped)  # the adapter already logged a summary of these
         records = list(loaded)
-        if ds_cfg.format == "synthetic":
-            records = self._align_aus(records, ds_cfg.root)
+        records = self._align_aus(records, ds_cfg, key)
+        records = self._keep_labelled(records, key, ds_cfg.root)
         if ds_cfg.num_images and ds_cfg.num_images < len(records):
             rng = np.random.default_rng(ds_cfg.seed)
             keep = np.sort(rng.choice(len(records), ds_cfg.num_images, replace=False))
@@ -190,33 +275,43 @@ class FERDataModule(L.LightningDataModule):
                              f"split {ds_cfg.split}); expected at least one labelled image")
         return records
 
-    def _align_aus(self, records: list[Record], root: str) -> list[Record]:
-        """Reorder a synthetic set's AU vectors into this DataModule's AU order (AU01 == AU1)."""
-        from datamodules.synthetic import read_header
+    def _align_aus(self, records: list[Record], ds_cfg: DictConfig, key: str) -> list[Record]:
+        """Reorder a set's AU vectors into the run's vocabulary (`self.au_names`, from `resolve_au_names`). A set
+        that declares no AUs keeps `aus=None` (has_aus false); one whose list lacks a vocabulary AU is an error."""
+        from datamodules.au_vocabulary import AUAligner
 
-        def norm(name: str) -> str:
-            return name.upper().replace("AU0", "AU") if name.upper().startswith("AU0") else name.upper()
-
-        header = read_header(root)
-        theirs = [norm(n) for n in header.get("au_names", [])]
-        ours = [norm(n) for n in self.au_names]
-        if theirs == ours:
+        found = dataset_au_names(ds_cfg)
+        if found is None:
+            for rec in records:
+                rec.aus = None
             return records
-        where = {n: i for i, n in enumerate(theirs)}
-        for rec in records:
-            if rec.aus is None:
-                continue
-            if all(n in where for n in ours):
-                rec.aus = [rec.aus[where[n]] for n in ours]
-            else:
-                rec.aus = None  # AUs cannot be aligned: the AU branch is off for these samples
+        align = AUAligner(found[0], self.au_names, source_name=f"{key} ({found[1]})",
+                          target_name="the run's AU vocabulary")
+        if not align.identity:
+            for rec in records:
+                rec.aus = align(rec.aus)
         return records
+
+    def _keep_labelled(self, records: list[Record], key: str, root: str) -> list[Record]:
+        """Unlabelled faces (`annotate` on a folder without classes: label -1) train the generator, which needs only
+        captions and AUs; every other family needs a class, so they are left out there, counted and named."""
+        unlabelled = [r for r in records if r.label < 0]
+        if not unlabelled or self.cfg.get("task") in LABEL_FREE_TASKS:
+            return records
+        self.bad.extend([f"{root}: record {r.id!r} has no label ({key} of task {self.cfg.get('task')!r} needs one)"
+                         for r in unlabelled])
+        return [r for r in records if r.label >= 0]
 
     def build_dataset(self, name: str, transform: Callable) -> Optional[FERDataset]:
         ds_cfg = self.data.get(name)
         if ds_cfg is None:
             return None
         records = self.load_records(ds_cfg, f"data.{name}")
+        if ds_cfg.get("shots"):  # few-shot: exactly K of every class (datamodules/fewshot.py)
+            from datamodules.fewshot import draw_shots
+
+            seed = ds_cfg.shots_seed if ds_cfg.get("shots_seed") is not None else self.cfg.get("seed", 0)
+            records = draw_shots(records, ds_cfg.shots, seed, self.label_space.names, key=f"data.{name}.shots")
         if name == "synthetic":
             for r in records:
                 r.domain = SYNTHETIC
@@ -327,7 +422,9 @@ class FERDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.data.eval_batch_size, sampler=sampler, shuffle=False,
                           **self._loader_kwargs())
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> Any:
+        if self.data.get("val") is None:
+            return []  # data.val: null: no validation (the Trainer factory then keeps last.ckpt only)
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:

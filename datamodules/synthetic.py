@@ -4,6 +4,8 @@ A synthetic set is a folder:
 
     dataset.json          header: {"format": "synfer-synthetic", "version": 1, "label_names": [...],
                           "au_names": [...], "image_size": .., "channels": .., "generator": "..."}
+                          optional: "domain": "real" (faces from `annotate`; default "synthetic"),
+                          "label_optional": true (some faces have no class), "au_scale"/"au_source" (provenance)
     manifest.jsonl        version 1 of the record list, one JSON object per line
     manifest.v2.jsonl     later versions (e.g. after label rectification); readers take the newest
     images/...            image files, referenced by relative path
@@ -11,7 +13,8 @@ A synthetic set is a folder:
 Record keys:
     id           str, unique within the manifest                                   (required)
     image        relative path inside the folder; no absolute paths, no escaping    (required)
-    label        int index into label_names: the label the image was generated for (required)
+    label        int index into label_names: the label the image was generated for (required, unless the
+                 header says "label_optional": true: then null or absent for an unlabelled face)
     label_soft   list[float], len(label_names), non-negative, sums to 1 +- 1e-3     (optional)
     aus          list[float], len(au_names), finite, in [0, 1]                      (optional)
     caption      str;  seed: int;  generator: str;  label_source: str               (optional)
@@ -29,13 +32,14 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from datamodules.adapters.base import RecordList
 from datamodules.atomic import atomic_write_text
 from datamodules.labels import LabelSpace, UnknownLabelError, canonical_name
-from datamodules.records import SYNTHETIC, Record
+from datamodules.records import REAL, SYNTHETIC, Record
 
 FORMAT_NAME = "synfer-synthetic"
 FORMAT_VERSION = 1
 HEADER_FILE = "dataset.json"
 MANIFEST_STEM = "manifest"
 SOFT_SUM_TOLERANCE = 1e-3
+DOMAINS = {"synthetic": SYNTHETIC, "real": REAL}  # header key `domain`: what kind of faces the set holds
 _VERSIONED_NAME = re.compile(r"^manifest\.v(\d+)\.jsonl$")
 
 
@@ -184,6 +188,16 @@ def _check_header(header: Any, path: str) -> None:
         raise ManifestError(f"{path}: key 'au_names' must be a list of AU names (may be empty), got {aus!r}")
     if len(set(aus)) != len(aus):
         raise ManifestError(f"{path}: key 'au_names' has duplicates: {aus!r}")
+    from datamodules.au_vocabulary import AUVocabularyError, canonical_aus
+
+    try:
+        canonical_aus(aus, source=f"{path} au_names")
+    except AUVocabularyError as exc:
+        raise ManifestError(str(exc)) from None
+    if header.get("domain", "synthetic") not in DOMAINS:
+        raise ManifestError(f"{path}: key 'domain' must be one of {list(DOMAINS)}, got {header.get('domain')!r}")
+    if not isinstance(header.get("label_optional", False), bool):
+        raise ManifestError(f"{path}: key 'label_optional' must be true or false, got {header.get('label_optional')!r}")
 
 
 # --------------------------------------------------------------------------------------- records
@@ -227,7 +241,8 @@ def validate_record(rec: Mapping, header: Mapping, *, source: str, root: Optiona
         raise ManifestError(f"{source}: expected a JSON object per line, got {type(rec).__name__}")
     num_labels = len(header["label_names"])
     num_aus = len(header.get("au_names", []))
-    for key in ("id", "image", "label"):
+    label_optional = bool(header.get("label_optional", False))
+    for key in ("id", "image") if label_optional else ("id", "image", "label"):
         if key not in rec:
             raise ManifestError(f"{source}: required key '{key}' is missing (keys present: {sorted(rec)})")
 
@@ -246,8 +261,10 @@ def validate_record(rec: Mapping, header: Mapping, *, source: str, root: Optiona
     elif _escapes_lexically(image):
         raise _fail(source, "image", "a path inside the dataset folder (no '..' escape)", image)
 
-    label = rec["label"]
-    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_labels:
+    label = rec.get("label")
+    if label is None and label_optional:
+        pass
+    elif not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_labels:
         raise _fail(source, "label", f"an integer index 0..{num_labels - 1} into label_names", label)
 
     if rec.get("label_soft") is not None:
@@ -370,7 +387,7 @@ def remap_soft(soft: Sequence[float], index_map: Sequence[int], num_classes: int
 
 
 def records_from_manifest(root: str, label_space: LabelSpace, version: Optional[int] = None) -> list[Record]:
-    """Records (domain=SYNTHETIC) of the synthetic set at `root`, labels mapped into `label_space` by name.
+    """Records (domain from the header: SYNTHETIC, or REAL for `annotate`d faces) of the set at `root`, labels mapped into `label_space` by name.
 
     Returns a RecordList (a list with `.skipped` messages): records whose class is not in
     `label_space` (contempt in a 7-class run) are skipped and counted there.
@@ -380,7 +397,12 @@ def records_from_manifest(root: str, label_space: LabelSpace, version: Optional[
     index_map = [label_space.names.index(n) if n in label_space.names else -1 for n in source_names]
 
     out = RecordList()
+    domain = DOMAINS[header.get("domain", "synthetic")]
     for rec, image in zip(raw_records, images):
+        if rec.get("label") is None:  # an unlabelled face (header label_optional): label -1, no soft label
+            out.append(Record(image=image, label=-1, id=rec["id"], caption=rec.get("caption"), domain=domain,
+                              aus=[float(a) for a in rec["aus"]] if rec.get("aus") is not None else None))
+            continue
         target = index_map[rec["label"]]
         if target < 0:
             out.skipped.append(
@@ -396,7 +418,7 @@ def records_from_manifest(root: str, label_space: LabelSpace, version: Optional[
             label_soft=remap_soft(soft, index_map, len(label_space)) if soft is not None else None,
             aus=[float(a) for a in rec["aus"]] if rec.get("aus") is not None else None,
             caption=rec.get("caption"),
-            domain=SYNTHETIC,
+            domain=domain,
         ))
     return out
 

@@ -57,10 +57,11 @@ def label_index_map(source: Sequence[str], target: Sequence[str]) -> list[int]:
 
 
 def au_index_pairs(source: Sequence[str], target: Sequence[str]) -> list[tuple[int, int]]:
-    from lightning_synfer.sampling.specs import norm_au
+    """(dataset index, judge index) of every AU both lists name (any spelling: AU01 == AU1)."""
+    from datamodules.au_vocabulary import canonical_au
 
-    where = {norm_au(n): i for i, n in enumerate(target)}
-    return [(i, where[norm_au(n)]) for i, n in enumerate(source) if norm_au(n) in where]
+    where = {canonical_au(n): i for i, n in enumerate(target)}
+    return [(i, where[canonical_au(n)]) for i, n in enumerate(source) if canonical_au(n) in where]
 
 
 class GenerationJudge:

@@ -488,6 +488,12 @@ class GeneratorModule(L.LightningModule):
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored_aus = checkpoint.get("synfer", {}).get("au_names")
+        if self.au_adapter is not None and stored_aus is not None:  # resume / warm start into this run's vocabulary
+            from datamodules.au_vocabulary import check_same_aus
+
+            check_same_aus(stored_aus, self.au_names, source="generator checkpoint (its FAU adapter's inputs)",
+                           target="this run's AU vocabulary")
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
             self._ema_to_device()

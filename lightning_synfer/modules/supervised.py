@@ -82,6 +82,19 @@ class SupervisedFER(FERClassifierModule):
                 self.log(f"train_{name}/acc", metric.compute())
             metric.reset()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.au_head is not None:
+            checkpoint["synfer"]["au_names"] = self.au_names
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored_aus = checkpoint.get("synfer", {}).get("au_names")
+        if self.au_head is not None and stored_aus is not None:  # resume into this run's AU vocabulary
+            from datamodules.au_vocabulary import check_same_aus
+
+            check_same_aus(stored_aus, self.au_names, source="classifier checkpoint (its AU head's outputs)",
+                           target="this run's AU vocabulary")
+
     def predict_aus(self, images: torch.Tensor) -> Optional[torch.Tensor]:
         if self.au_head is None:
             return None

@@ -52,8 +52,17 @@ def timed() -> Iterator[dict[str, float]]:
         box["wall_time_s"] = time.perf_counter() - start
 
 
-def module_kwargs(cfg: DictConfig, label_names: list[str]) -> dict[str, Any]:
-    return {"config": to_container(cfg), "label_names": list(label_names)}
+def module_kwargs(cfg: DictConfig, label_names: list[str], family: Any = None) -> dict[str, Any]:
+    """Constructor arguments of a module family; families that take `au_names` (the generator's FAU adapter, a
+    classifier's AU head) get the run's AU vocabulary, the one the DataModule orders `batch["aus"]` by."""
+    import inspect
+
+    kwargs: dict[str, Any] = {"config": to_container(cfg), "label_names": list(label_names)}
+    if family is not None and "au_names" in inspect.signature(family.__init__).parameters:
+        from datamodules.datamodule import resolve_au_names
+
+        kwargs["au_names"] = resolve_au_names(cfg)
+    return kwargs
 
 
 def finish(run: RunDir, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -17,13 +17,14 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     run_dir = start_run(cfg, argv)
     family = module_class(cfg.task)
     label_names = list(LabelSpace.from_num_classes(cfg.data.num_classes).names)
-    module = family(**module_kwargs(cfg, label_names))
+    module = family(**module_kwargs(cfg, label_names, family))
     if cfg.model.get("init_from"):
         from lightning_synfer.checkpoints import init_weights_from
 
         init_weights_from(module, cfg.model.init_from)
     datamodule = family.build_datamodule(cfg, module, str(run_dir.path)) if hasattr(family, "build_datamodule") \
         else _default_datamodule(cfg, module, str(run_dir.path))
+    _check_au_vocabulary(module, datamodule)
     trainer = build_trainer(cfg, run_dir, **getattr(family, "trainer_overrides", lambda c: {})(cfg))
     ckpt = resolve_resume_checkpoint(cfg, run_dir)
     if ckpt and trainer.is_global_zero:
@@ -41,6 +42,17 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     metrics.update(peak_memory_mb())
     metrics["num_skipped"] = getattr(datamodule, "num_skipped", 0)
     return finish(run_dir, metrics)
+
+
+def _check_au_vocabulary(module: Any, datamodule: Any) -> None:
+    """The model's AU inputs/outputs and the batches' AU order are one list (a family's own DataModule may differ)."""
+    model_aus, data_aus = getattr(module, "au_names", None), getattr(datamodule, "au_names", None)
+    if model_aus and data_aus is not None and (getattr(module, "au_adapter", None) is not None
+                                               or getattr(module, "au_head", None) is not None):
+        from datamodules.au_vocabulary import check_same_aus
+
+        check_same_aus(data_aus, model_aus, source="the DataModule's AU vocabulary",
+                       target=f"the {type(module).__name__}'s AU list")
 
 
 def _default_datamodule(cfg: DictConfig, module: Any, run_dir: str) -> Any:
