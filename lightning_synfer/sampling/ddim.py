@@ -98,6 +98,9 @@ class Conditioner:
             self.passes = ("full",)
         elif self.text_scale == 1:
             self.passes = ("text", "full")
+        elif self.text_scale == self.au_scale:
+            # u + s(t - u) + s(f - t) = u + s(f - u): the text-only pass cancels, one UNet pass fewer per step.
+            self.passes = ("uncond", "full")
         else:
             self.passes = ("uncond", "text", "full")
         self._static = {}
@@ -120,7 +123,7 @@ class Conditioner:
         full = parts["full"]
         if len(self.passes) == 1:
             return full
-        if self.au_tokens is None:
+        if self.au_tokens is None or "text" not in parts:
             return parts["uncond"] + self.text_scale * (full - parts["uncond"])
         text = parts["text"]
         base = text if "uncond" not in parts else parts["uncond"] + self.text_scale * (text - parts["uncond"])

@@ -119,6 +119,10 @@ def test_cfg_combination_and_passes(gen):
     assert Conditioner(gen, CAPS[:2], aus, 1.0, 1.0).passes == ("full",)
     assert Conditioner(gen, CAPS[:2], aus, 1.0, 4.0).passes == ("text", "full")
     assert Conditioner(gen, CAPS[:2], None, 3.0, 2.0).passes == ("uncond", "full")
+    # Equal text and AU scales: the text-only pass cancels out of the sum, and the result is the same.
+    same = Conditioner(gen, CAPS[:2], aus, 3.0, 3.0)
+    assert same.passes == ("uncond", "full")
+    torch.testing.assert_close(same.combine(torch.cat([u, f])), u + 3.0 * (t - u) + 3.0 * (f - t))
     # The unconditional AU input is the all-zero vector (what AU dropout trains).
     torch.testing.assert_close(cond.null_au[0], gen.encode_aus(torch.zeros(1, len(AU_NAMES)))[0])
 
