@@ -26,6 +26,14 @@ class AUSampling(Choice):
     gaussian = "gaussian"  # a draw from the class mean/cov
 
 
+class CaptionSource(Choice):
+    auto = "auto"  # synthesis.captions_file when given, else templates
+    templates = "templates"  # the procedural caption templates (label + AUs)
+    file = "file"  # lines of synthesis.captions_file
+    training_set = "training_set"  # captions of the target class from the generator's training manifest
+    llm = "llm"  # a local text-generation model rewrites the coarse caption (sampling/prompts.py)
+
+
 class ImageFormat(Choice):
     png = "png"  # lossless
 
@@ -79,6 +87,17 @@ class RealSetConfig:
 
 
 @dataclass
+class PromptLLMConfig:
+    """synthesis.captions=llm: the local model that turns 'coarse description + label + AUs' into a detailed prompt
+    with the instruction `lightning_synfer.sampling.prompts.LLM_INSTRUCTION` (or `instruction`)."""
+
+    model: Optional[str] = None  # input: a transformers text-generation folder (save_pretrained), never downloaded
+    coarse: CaptionSource = CaptionSource.templates  # where the coarse description comes from
+    max_new_tokens: int = 48
+    instruction: Optional[str] = None  # null: LLM_INSTRUCTION; placeholders {caption}, {expression}, {aus}
+
+
+@dataclass
 class SynthesisConfig:
     """`synthesize`: which generator, what to generate and where to write it."""
 
@@ -92,6 +111,8 @@ class SynthesisConfig:
     per_class: Any = None  # optional counts: a list in label order or {class name: count}
     class_balanced: bool = True  # equal counts per class; false: the training set's class frequencies
     captions_file: Optional[str] = None  # one caption per line; 'label<TAB>caption' pins a class; {expression}
+    captions: CaptionSource = CaptionSource.auto  # where each image's prompt comes from (stored per record)
+    llm: PromptLLMConfig = field(default_factory=PromptLLMConfig)
     au_source: AUSource = AUSource.auto
     au_sampling: AUSampling = AUSampling.empirical
     seed: int = 0
@@ -147,6 +168,13 @@ def validate_synthesis(cfg: Any) -> None:
           y.real_set.format, f"one of {FORMATS.names()}")
     check(y.batch_size >= 1, "synthesis.batch_size", y.batch_size, "a per-device batch size >= 1")
     check(y.shard_size >= 1, "synthesis.shard_size", y.shard_size, "images per folder >= 1")
+    check(y.captions != "file" or bool(y.captions_file), "synthesis.captions_file", y.captions_file,
+          "a caption file when synthesis.captions=file")
+    check(y.captions != "llm" or bool(y.llm.model), "synthesis.llm.model", y.llm.model,
+          "a local text-generation model folder when synthesis.captions=llm")
+    check(y.llm.coarse not in ("llm", "auto"), "synthesis.llm.coarse", y.llm.coarse,
+          "templates, file or training_set (the description the LLM enriches)")
+    check(y.llm.max_new_tokens >= 1, "synthesis.llm.max_new_tokens", y.llm.max_new_tokens, "at least 1 token")
     lay = y.layout
     check(0.0 < lay.strength <= 1.0, "synthesis.layout.strength", lay.strength,
           "a fraction of the DDIM steps in (0, 1]")

@@ -6,7 +6,9 @@ every DDP rank see the same list. Each spec draws its AUs and caption from its o
 
 AUs: for the target class, a training face's AU vector (empirical) or a draw from the class mean/cov
 (gaussian), from the records of `data.train`; EMFACS prototypes with `sample_aus` where the data has none.
-Captions: the procedural templates (AU phrases + expression), or lines of `synthesis.captions_file`.
+Captions (`synthesis.captions`): the procedural templates (AU phrases + expression), lines of
+`synthesis.captions_file`, or the generator's own training captions (sampling/prompts.py); `llm` enriches one of
+these per image at predict time. A training set whose AU list lacks one of the generator's AUs is an error.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from datamodules.au_vocabulary import AUAligner, AUVocabularyError, au_difference, canonical_au
 from datamodules.labels import canonical_name
 from datamodules.procedural import captions as cap
 from datamodules.procedural.aus import AU_NAMES
@@ -33,6 +36,7 @@ class Spec:
     aus: Optional[tuple[float, ...]]  # ordered as the generator's au_names; None without AUs
     caption: str
     seed: int
+    caption_source: str = "templates"  # templates | file | training_set; `llm` rewrites it in the predict step
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -50,18 +54,14 @@ def spec_seed(seed: int, index: int) -> int:
     return int((int(a) << 31) ^ int(b)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def norm_au(name: str) -> str:
-    """AU01 == AU1 == au1."""
-    n = str(name).upper()
-    return "AU" + n[2:].lstrip("0") if n.startswith("AU") and n[2:3] == "0" else n
-
-
-def reorder_aus(vec: Sequence[float], source: Sequence[str], target: Sequence[str]) -> Optional[list[float]]:
-    """Move an AU vector from `source` order into `target` order (missing AUs -> 0); None if none overlap."""
-    where = {norm_au(n): i for i, n in enumerate(source)}
-    if not any(norm_au(n) in where for n in target):
+def reorder_prototype(vec: Sequence[float], source: Sequence[str], target: Sequence[str]) -> Optional[list[float]]:
+    """Move an EMFACS prototype (or any vector that lists the ACTIVE AUs) from `source` order into `target` order:
+    an AU the prototype does not name is inactive, so it becomes 0; None if the lists share no AU. Measured AU
+    vectors go through datamodules.au_vocabulary.AUAligner instead, which refuses missing AUs."""
+    where = {canonical_au(n): i for i, n in enumerate(source)}
+    if not any(canonical_au(n) in where for n in target):
         return None
-    return [float(vec[where[norm_au(n)]]) if norm_au(n) in where else 0.0 for n in target]
+    return [float(vec[where[canonical_au(n)]]) if canonical_au(n) in where else 0.0 for n in target]
 
 
 # ------------------------------------------------------------------------------------------- counts
@@ -210,13 +210,20 @@ def template_caption(label_name: str, aus_canonical: Optional[np.ndarray], rng: 
 def build_specs(num_images: int, label_names: Sequence[str], au_names: Sequence[str], *, seed: int = 0,
                 per_class: Any = None, class_balanced: bool = True, au_stats: Optional[AUStats] = None,
                 au_sampling: str = "empirical", use_emfacs: bool = True,
-                captions: Optional[tuple[list[str], dict[str, list[str]]]] = None) -> list[Spec]:
-    """The full, deterministic spec list. au_names=() makes AU-free specs."""
+                captions: Optional[tuple[list[str], dict[str, list[str]]]] = None,
+                training_captions: Optional[tuple[dict[str, list[str]], list[str]]] = None) -> list[Spec]:
+    """The full, deterministic spec list. au_names=() makes AU-free specs. Captions: lines of a caption file
+    (`captions`), else the generator's training captions (`training_captions`, expression words swapped to the
+    target), else (and for a class neither has) the procedural templates."""
+    from lightning_synfer.sampling.prompts import pick_training_caption
+
     prior = au_stats.class_frequencies(label_names) if au_stats else None
     counts = class_counts(num_images, label_names, per_class, class_balanced, prior)
     labels = np.repeat(np.arange(len(label_names)), counts)
     # Shuffled once so that every prefix and every rank's shard is close to the class mix.
     labels = labels[np.random.default_rng(np.random.SeedSequence([int(seed), 7])).permutation(len(labels))]
+    if au_names and use_emfacs and not au_stats:
+        _announce_prototype_gaps(au_names)
     specs = []
     for index, label in enumerate(labels.tolist()):
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 1]))
@@ -227,45 +234,80 @@ def build_specs(num_images: int, label_names: Sequence[str], au_names: Sequence[
                 vec, order = au_stats.sample(name, rng, au_sampling), au_stats.au_names
             if vec is None and use_emfacs:
                 vec, order = emfacs_aus(name, rng)
-        aus = reorder_aus(vec, order, au_names) if vec is not None else None
+        aus = reorder_prototype(vec, order, au_names) if vec is not None else None
         canon_vec = None
         if vec is not None:
-            cv = reorder_aus(vec, order, AU_NAMES)
+            cv = reorder_prototype(vec, order, AU_NAMES)
             canon_vec = np.asarray(cv) if cv is not None else None
+        caption, source = None, "templates"
         if captions is not None:
             free, pinned = captions
             pool = pinned.get(name) or free
-            caption = pool[int(rng.integers(len(pool)))].replace("{expression}", _expression_word(name))
-        else:
-            caption = template_caption(name, canon_vec, rng)
+            caption, source = pool[int(rng.integers(len(pool)))].replace("{expression}", _expression_word(name)), "file"
+        elif training_captions is not None:
+            caption, source = pick_training_caption(training_captions, name, rng), "training_set"
+        if caption is None:
+            caption, source = template_caption(name, canon_vec, rng), "templates"
         specs.append(Spec(id=spec_id(seed, index), index=index, label=int(label),
                           aus=tuple(round(float(a), 6) for a in aus) if aus is not None else None,
-                          caption=caption, seed=spec_seed(seed, index)))
+                          caption=caption, seed=spec_seed(seed, index), caption_source=source))
     return specs
 
 
+def _announce_prototype_gaps(au_names: Sequence[str]) -> None:
+    """EMFACS prototypes are written in the renderer's AUs; say which prototype AUs the generator cannot take."""
+    from datamodules.procedural.aus import EMFACS_PROTOTYPES
+
+    used = {canonical_au(a) for proto in EMFACS_PROTOTYPES.values() for a in proto}
+    missing = sorted(used - {canonical_au(n) for n in au_names})
+    if missing:
+        log.warning("EMFACS prototypes use AUs %s that the generator's AU list %s lacks; those parts of the "
+                    "prototypes are left out of the specs", missing, list(au_names))
+
+
 def training_au_stats(cfg: Any, au_names: Sequence[str]) -> Optional[AUStats]:
-    """Class-conditional AU vectors of cfg.data.train (None when it has no AUs or cannot be read)."""
-    from datamodules.datamodule import FERDataModule
+    """Class-conditional AU vectors of cfg.data.train in the generator's AU order (None when it has no AUs).
+    A training set whose AU list lacks one of the generator's AUs is an AUVocabularyError naming both lists."""
+    from datamodules.datamodule import FERDataModule, dataset_au_names
 
     if cfg.data.train is None:
         return None
-    dm = FERDataModule(cfg)
+    declared = dataset_au_names(cfg.data.train)
+    if declared is None:
+        return None
+    missing, _ = au_difference(declared[0], au_names)
+    if missing:  # before any record is read: the error names the set's own list, not a shrunk vocabulary
+        AUAligner(declared[0], au_names, source_name=f"data.train ({declared[1]})",
+                  target_name="the generator's AU list")
+    dm = FERDataModule(_train_only(cfg))  # the statistics speak data.train's own AU list, whatever val/test hold
     records = dm.load_records(cfg.data.train, "data.train")
     stats = AUStats.from_records(records, dm.label_space.names, dm.au_names)
     if not stats:
         return None
-    stats_target = {k: np.asarray([reorder_aus(r, dm.au_names, au_names) for r in v])
-                    for k, v in stats.per_class.items()}
+    align = AUAligner(dm.au_names, au_names, source_name=f"data.train ({declared[1]}, as the run's vocabulary)",
+                      target_name="the generator's AU list")
+    stats_target = {k: np.asarray([align(list(r)) for r in v]) for k, v in stats.per_class.items()}
     return AUStats(stats_target, au_names)
 
 
-def specs_from_config(cfg: Any, label_names: Sequence[str], au_names: Sequence[str]) -> list[Spec]:
+def _train_only(cfg: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    only = OmegaConf.create(OmegaConf.to_container(cfg))
+    only.data.val = only.data.test = only.data.synthetic = only.data.au_names = None
+    return only
+
+
+def specs_from_config(cfg: Any, label_names: Sequence[str], au_names: Sequence[str],
+                      generator_cfg: Any = None) -> list[Spec]:
+    """`generator_cfg`: the generator's own stored config (synthesis.captions=training_set reads its data.train)."""
     y = cfg.synthesis
     stats = None
     if au_names and y.au_source in ("auto", "data"):
         try:
             stats = training_au_stats(cfg, au_names)
+        except AUVocabularyError:
+            raise  # a set and a model with different AUs: never a silent fallback to prototypes
         except (FileNotFoundError, ValueError) as exc:
             if y.au_source == "data":
                 raise
@@ -273,7 +315,15 @@ def specs_from_config(cfg: Any, label_names: Sequence[str], au_names: Sequence[s
         if stats is None and y.au_source == "data":
             raise ValueError("synthesis.au_source=data: data.train has no AU annotations; "
                              "use synthesis.au_source=emfacs")
-    captions = read_captions_file(y.captions_file, label_names) if y.captions_file else None
+    mode = caption_mode(y)
+    captions = read_captions_file(y.captions_file, label_names) if mode == "file" else None
+    training_captions = None
+    if mode == "training_set":
+        if generator_cfg is None:
+            raise ValueError("synthesis.captions=training_set needs the generator's own config (its training set)")
+        from lightning_synfer.sampling.prompts import training_set_captions
+
+        training_captions = training_set_captions(generator_cfg)
     per_class = y.per_class
     if per_class is not None and hasattr(per_class, "items"):
         per_class = dict(per_class.items())
@@ -281,4 +331,15 @@ def specs_from_config(cfg: Any, label_names: Sequence[str], au_names: Sequence[s
         per_class = list(per_class)
     return build_specs(int(y.num_images), label_names, au_names, seed=int(y.seed), per_class=per_class,
                        class_balanced=bool(y.class_balanced), au_stats=stats, au_sampling=y.au_sampling,
-                       captions=captions)
+                       captions=captions, training_captions=training_captions)
+
+
+def caption_mode(y: Any) -> str:
+    """Where the specs' (coarse) captions come from: synthesis.captions, with `auto` = the file when one is given,
+    and `llm` = its `synthesis.llm.coarse` description (the LLM rewrites it later, per image)."""
+    mode = str(y.captions)
+    if mode == "llm":
+        mode = str(y.llm.coarse)
+    if mode == "auto":
+        mode = "file" if y.captions_file else "templates"
+    return mode

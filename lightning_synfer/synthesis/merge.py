@@ -93,9 +93,11 @@ def merge(out: str | os.PathLike, label_names: Sequence[str], au_names: Sequence
     return {"manifest": path, "num_records": len(records), "missing": missing}
 
 
-def check_info(out: str | os.PathLike, info: Mapping[str, Any], *, write: bool) -> None:
-    """Refuse to resume into a folder made with other settings; record them on the first run."""
-    path = Path(out) / INFO_FILE
+def check_info(out: str | os.PathLike, info: Mapping[str, Any], *, write: bool, info_file: str = INFO_FILE,
+               key: str = "synthesis.out") -> None:
+    """Refuse to resume into a folder made with other settings; record them on the first run. `info_file`/`key`:
+    the record's name and the config key of the folder (synthesis and annotate share this)."""
+    path = Path(out) / info_file
     if path.is_file():
         with open(path, encoding="utf-8") as fh:
             old = json.load(fh)
@@ -103,8 +105,8 @@ def check_info(out: str | os.PathLike, info: Mapping[str, Any], *, write: bool) 
         diff = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {current.get(k)!r}" for k in diff)[:1500]
-            raise ValueError(f"synthesis.out={out} holds images made with other settings ({shown}). "
-                             f"Resume with the same settings, or write to a new synthesis.out")
+            raise ValueError(f"{key}={out} holds images made with other settings ({shown}). "
+                             f"Resume with the same settings, or write to a new {key}")
         return
     if write:
         atomic_write_json(path, dict(info))

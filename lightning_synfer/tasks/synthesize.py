@@ -51,6 +51,7 @@ def collate_specs(items: list[dict]) -> dict[str, Any]:
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "aus": torch.tensor([it["aus"] for it in items], dtype=torch.float32) if has_aus else None,
         "caption": [it["caption"] for it in items],
+        "caption_source": [it["caption_source"] for it in items],
         "seed": [int(it["seed"]) for it in items],
     }
 
@@ -60,9 +61,10 @@ class SynthesisModule(L.LightningModule):
 
     def __init__(self, gen: Any, settings: SamplerSettings, *, guidance: Optional[SemanticGuidance] = None,
                  layout_paths: Optional[list[str]] = None, layout_strength: float = 1.0,
-                 generator_id: str = "") -> None:
+                 generator_id: str = "", prompt_enricher: Any = None) -> None:
         super().__init__()
         self.gen = gen
+        self.prompt_enricher = prompt_enricher  # synthesis.captions=llm (sampling/prompts.PromptEnricher)
         self.guidance = guidance
         self.settings = settings
         self.layout_paths = layout_paths
@@ -84,7 +86,18 @@ class SynthesisModule(L.LightningModule):
         k = inverted_steps(self.settings.steps, self.layout_strength)
         return ddim_invert(self.sampler, images, batch["caption"], batch["aus"], num_steps=k, seeds=batch["seed"])
 
+    def enrich_prompts(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """synthesis.captions=llm: this rank's coarse captions -> detailed prompts (the coarse one is kept)."""
+        if self.prompt_enricher is None:
+            return batch
+        names = [self.gen.label_names[int(i)] for i in batch["label"]]
+        aus = batch["aus"].tolist() if batch["aus"] is not None else None
+        enriched = self.prompt_enricher(batch["caption"], names, aus, list(self.gen.au_names))
+        return {**batch, "coarse_caption": list(batch["caption"]), "caption": [p for p, _ in enriched],
+                "caption_source": [src for _, src in enriched]}
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        batch = self.enrich_prompts(batch)
         x_start, start_index = None, 0
         if self.layout_paths:
             x_start, start_index = self.layout_start(batch)
@@ -95,8 +108,12 @@ class SynthesisModule(L.LightningModule):
         arr = arr[..., 0] if arr.shape[-1] == 1 else arr
         records = []
         for i, rid in enumerate(batch["id"]):
+            # `caption` is the prompt the generator saw; caption_source says how it was made
             rec = {"id": rid, "index": int(batch["index"][i]), "label": int(batch["label"][i]),
-                   "caption": batch["caption"][i], "seed": int(batch["seed"][i]), "generator": self.generator_id}
+                   "caption": batch["caption"][i], "caption_source": batch["caption_source"][i],
+                   "seed": int(batch["seed"][i]), "generator": self.generator_id}
+            if "coarse_caption" in batch:
+                rec["coarse_caption"] = batch["coarse_caption"][i]
             if batch["aus"] is not None:
                 rec["aus"] = [round(float(a), 6) for a in batch["aus"][i].tolist()]
             if self.layout_paths:
@@ -138,9 +155,12 @@ def synthesis_info(cfg: DictConfig, specs: Sequence[Spec], gen_id: str) -> dict[
     """Everything that decides the images; a resume must match it exactly."""
     blob = json.dumps([s.to_dict() for s in specs], sort_keys=True).encode()
     c = to_container(cfg)
-    return {"specs_sha256": hashlib.sha256(blob).hexdigest(), "num_specs": len(specs), "generator": gen_id,
+    info = {"specs_sha256": hashlib.sha256(blob).hexdigest(), "num_specs": len(specs), "generator": gen_id,
             "sampling": c["sampling"], "guidance": c["guidance"],
             "layout": c["synthesis"]["layout"] if cfg.synthesis.layout.enabled else {"enabled": False}}
+    if cfg.synthesis.captions == "llm":  # the specs hold the coarse captions; the LLM decides the prompts
+        info["prompt_llm"] = c["synthesis"]["llm"]
+    return info
 
 
 def synthesis_module(cfg: DictConfig, gen: Any, gen_id: str, label_names: Sequence[str]) -> SynthesisModule:
@@ -151,9 +171,16 @@ def synthesis_module(cfg: DictConfig, gen: Any, gen_id: str, label_names: Sequen
         if not layout.root:
             raise ConfigError("synthesis.layout.enabled=true needs synthesis.layout.root=DIR (a folder of real faces)")
         layout_paths = list_layout_images(layout.root, layout.format, layout.split, key="synthesis.layout.root")
+    enricher = None
+    if cfg.synthesis.captions == "llm":
+        from lightning_synfer.sampling.prompts import LLM_INSTRUCTION, PromptEnricher
+
+        llm = cfg.synthesis.llm
+        enricher = PromptEnricher(llm.model, max_new_tokens=llm.max_new_tokens,
+                                  instruction=llm.instruction or LLM_INSTRUCTION)
     return SynthesisModule(gen, SamplerSettings.from_config(cfg.sampling),
                            guidance=SemanticGuidance.from_config(cfg.guidance, label_names), layout_paths=layout_paths,
-                           layout_strength=layout.strength, generator_id=gen_id)
+                           layout_strength=layout.strength, generator_id=gen_id, prompt_enricher=enricher)
 
 
 def resolve_set_size(cfg: DictConfig) -> Optional[dict[str, Any]]:
@@ -194,7 +221,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, generator: Any = N
     run_dir = start_run(cfg, argv)
     label_names = list(gen.label_names)
     au_names = list(gen.au_names) if getattr(gen, "au_adapter", None) is not None else []
-    specs = specs_from_config(cfg, label_names, au_names)
+    specs = specs_from_config(cfg, label_names, au_names, generator_cfg=getattr(gen, "cfg", None))
     out = str(cfg.synthesis.out)
     os.makedirs(out, exist_ok=True)
     from lightning_synfer.runs import is_global_zero
