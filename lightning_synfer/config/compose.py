@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from datamodules.adapters import FORMATS
+from lightning_synfer.config.annotate import validate_annotate
 from lightning_synfer.config.choices import choice_names
 from lightning_synfer.config.clip import validate_clip, validate_shots
 from lightning_synfer.config.errors import ConfigError, check
@@ -302,8 +303,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 # Range checks of the task families' own sections, run after the ones above.
-VALIDATORS = [validate_synthesis, validate_ssl, validate_generator, validate_sweep, validate_labeler, validate_clip,
-              validate_shots]
+VALIDATORS = [validate_annotate, validate_synthesis, validate_ssl, validate_generator, validate_sweep, validate_labeler,
+              validate_clip, validate_shots]
 
 
 def to_container(cfg: DictConfig) -> dict:

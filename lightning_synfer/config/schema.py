@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Dict, List, Optional
 
 from datamodules.adapters import dataset_roots
+from lightning_synfer.config.annotate import AnnotateConfig
 from lightning_synfer.config.choices import Choice
 from lightning_synfer.config.clip import ClipConfig
 from lightning_synfer.config.generator import GeneratorConfig
@@ -96,6 +97,7 @@ class DatasetConfig:
     # shots_seed (null: the run's seed, so that seeds are episodes); an error when a class has fewer
     shots: int = 0
     shots_seed: Optional[int] = None
+    repeat: int = 1  # the set's records this many times over (a K-shot set fills batches larger than it is)
 
 
 @dataclass
@@ -256,6 +258,8 @@ class Config:
     labeling: LabelingConfig = field(default_factory=LabelingConfig)  # `label`: the ensemble vote on a synthetic set
     # the vision-language dual encoder (task `clip`) and zero-shot prompts (lightning_synfer/config/clip.py)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    # FEText-style annotation of real faces: AUs from tool CSVs or a model, captions (lightning_synfer/config/annotate.py)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     # Task families add their own section here (generator, labeler, ssl, synthesis, sweep, pipeline),
     # each a dataclass in lightning_synfer/config/<family>.py.
 

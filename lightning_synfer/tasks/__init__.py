@@ -28,6 +28,9 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
     "synthesize": ("lightning_synfer.tasks.synthesize:run", "generator/synthesize_embedded",
                    "generate a labelled synthetic face set (synthesis.generator=... synthesis.num_images=N "
                    "synthesis.out=DIR); resumable"),
+    "annotate": ("lightning_synfer.tasks.annotate:run", "generator/annotate",
+                 "real faces -> a FEText-style set with AUs (OpenFace/py-feat/LibreFace CSV or an AU model), "
+                 "captions and labels (annotate.root=DIR annotate.out=DIR); resumable"),
     "evaluate-generation": ("lightning_synfer.tasks.evaluate_generation:run", "generator/evaluate_generation",
                             "judge a synthetic set (generation_eval.dataset=DIR generation_eval.judge=... "
                             "[generation_eval.real.root=DIR]): FER acc, AU error, FID/KID"),
@@ -35,6 +38,9 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
               "rectify a synthetic set's labels (labeling.dataset=DIR labeling.ensemble=[CKPT,...] "
               "[labeling.min_confidence=P]); "
               "writes manifest.v<N>.jsonl; resumable"),
+    "zeroshot": ("lightning_synfer.tasks.zeroshot:run", "zeroshot/embedded_tiny",
+                 "zero-shot FER of a clip checkpoint (ckpt=...) or of the experiment's base CLIP (clip.pretrained_path) "
+                 "on data.test, by prompt ensembles (clip.prompts.file); writes metrics.json as evaluate does"),
     "sweep": ("lightning_synfer.tasks.sweep:run", "sweeps/embedded_ratio",
               "a grid of fit runs (sweep.grid.KEY=[v1,v2] ...; sweep.launcher=local|slurm); reruns skip finished points"),
 }

@@ -86,6 +86,7 @@ RUN = {
         f"generation_eval.dataset={a['synthetic']}", f"generation_eval.judge={a['judge']}",
         f"generation_eval.real.root={a['faces']}",
         "generation_eval.kid_subset_size=3", "generation_eval.batch_size=4"]),
+    "generator/annotate": ("annotate", lambda a: [f"annotate.root={a['faces']}", "annotate.batch_size=4"]),
     "labeler/rectify": ("label", lambda a: [f"labeling.ensemble=[{a['labeler']},{a['judge']}]",
                                             "labeling.batch_size=8"]),
     "labeler/no_labeler": ("label", lambda a: []),
@@ -182,6 +183,8 @@ def _assert_metrics(task: str, metrics: dict) -> None:
         assert metrics["complete"] and metrics["num_records"] == 2
     if task == "evaluate-generation":
         assert metrics["num_images"] == 7 and 0.0 <= metrics["fer_accuracy"] <= 1.0  # contempt: not a judge class
+    if task == "annotate":  # fast_dev_run: one predict batch holds the 4 faces
+        assert metrics["complete"] and metrics["num_records"] == 4 and metrics["num_failed"] == 0
     if task == "label":
         assert metrics["version"] == 2 and metrics["num_records"] == 8
 
@@ -193,6 +196,8 @@ def test_config_runs_fast_dev_run_on_fixtures(name, artifacts, tmp_path):
     extra = ["trainer.fast_dev_run=true", *build(artifacts)]
     if task == "synthesize":
         extra.append(f"synthesis.out={tmp_path / 'synthetic'}")
+    if task == "annotate":
+        extra.append(f"annotate.out={tmp_path / 'fetext'}")
     if task == "label":  # writes manifest.v2.jsonl: a copy per run
         extra.append(f"labeling.dataset={shutil.copytree(artifacts['synthetic'], tmp_path / 'synthetic')}")
     argv = [f"experiment={name}", *tiny_overrides(tmp_path, *extra, embedded=name in EMBEDDED_DATA)]

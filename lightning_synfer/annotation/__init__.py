@@ -1,0 +1,1 @@
+"""`annotate`'s sources: AU tool CSVs (OpenFace, py-feat, LibreFace), a user's AU model, captioners."""
