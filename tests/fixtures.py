@@ -181,9 +181,13 @@ def make_tiny_sd(root) -> Path:
     # model_max_length = the text model's positions: a stock StableDiffusionPipeline pads prompts to it.
     CLIPTokenizer(str(root / "tok_src" / "vocab.json"), str(root / "tok_src" / "merges.txt"),
                   model_max_length=16).save_pretrained(root / "tokenizer")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False).save_pretrained(root / "scheduler")
+    # SD 1.5's schedule, steps_offset included (a stock pipeline rewrites an older config's 0 to 1).
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                  steps_offset=1).save_pretrained(root / "scheduler")
     shutil.rmtree(root / "tok_src")
+    from lightning_synfer.models.diffusers_interop import pipeline_index
+
+    (root / "model_index.json").write_text(json.dumps(pipeline_index("DDPMScheduler")))  # as SD 1.5's folder has
     return root
 
 
