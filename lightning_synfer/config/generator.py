@@ -96,6 +96,13 @@ class GeneratorConfig:
     sample_captions: List[str] = field(default_factory=list)  # empty: one label caption per class
 
     export_on_fit_end: bool = True  # save_pretrained to <run_dir>/export
+    # Making a shipped base (experiments/generator/embedded_base.yaml): at the end of the fit the EMA weights go to
+    # lightning_synfer/pretrained/<publish_as> beside PROVENANCE.json (lightning_synfer/pretrained/publish.py);
+    # publish_judge, a classifier .ckpt, judges publish_samples_per_class label-caption samples for the record.
+    publish_as: Optional[str] = None
+    publish_judge: Optional[str] = None
+    publish_samples_per_class: int = 50
+    publish_dir: Optional[str] = None  # where publish_as goes; null: lightning_synfer/pretrained (the package)
 
 
 def validate_generator(cfg: Any) -> None:

@@ -26,6 +26,7 @@ EXPORT (save_pretrained(folder); GeneratorModule.load(folder) reads it back):
     text_projection.safetensors (+ _ema)   when the text width differs from cross_attention_dim
     text_encoder.json (+ text_encoder/ for the tiny encoder; sd copies text_encoder/, tokenizer/, vae/)
     scheduler/                        the training DDPMScheduler
+    model_index.json, pytorch_lora_weights[_ema].safetensors   stock diffusers loading (models/diffusers_interop.py)
     generator_config.json             label/AU names, image size, channels, profile, prediction type, ...
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ from datamodules.procedural.aus import AU_NAMES, EMFACS_PROTOTYPES, au_vector
 from lightning_synfer import optim
 from lightning_synfer.models.au_adapter import (AUAdapter, install_au_processors, load_au_adapter,
                                                 save_au_adapter, set_au_scale)
+from lightning_synfer.models.diffusers_interop import save_lora_weights, write_pipeline_index
 from lightning_synfer.models.text_encoders import DTYPES, TextEncoder, build_text_encoder, TinyTextEncoder
 from lightning_synfer.models.unets import build_tiny_unet, check_sd_folder, load_unet
 from lightning_synfer.pretrained import resolve_export
@@ -510,13 +512,36 @@ class GeneratorModule(L.LightningModule):
             if trainer.is_global_zero:
                 self.save_pretrained(folder)
             out["export_dir"] = str(folder)
+        if self.gcfg.publish_as and trainer.is_global_zero:
+            out["published"] = self._publish(trainer, datamodule)
         return out
+
+    def _publish(self, trainer: L.Trainer, datamodule: Any) -> dict[str, Any]:
+        from lightning_synfer.pretrained.publish import judged_sample_accuracy, publish
+
+        g = self.gcfg
+        sample_accuracy = None
+        if g.publish_judge:
+            sample_accuracy = judged_sample_accuracy(self.eval(), g.publish_judge, int(g.publish_samples_per_class),
+                                                     int(g.sample_steps), float(g.sample_guidance))
+        prov_path = Path(str(trainer.default_root_dir)) / "provenance.json"
+        argv = json.loads(prov_path.read_text()).get("argv", []) if prov_path.is_file() else []
+        argv = [a for a in argv if not a.startswith(("run_dir=", "overwrite="))]  # where it ran, not what it is
+        train = OmegaConf.to_container(self.cfg.data.train, resolve=True)
+        folder = publish(self, g.publish_as, argv=argv, steps=int(trainer.global_step), final_loss=self._last_loss,
+                         data={"train": train, "image_size": int(self.cfg.data.image_size),
+                               "images_seen": int(trainer.global_step) * int(self.cfg.data.batch_size)},
+                         sample_accuracy=sample_accuracy, **({"dest_root": Path(g.publish_dir)} if g.publish_dir else {}))
+        log.info("published the generator base %s (sample accuracy %s)", folder,
+                 sample_accuracy and f"{100 * sample_accuracy['accuracy']:.1f}%")
+        return {"dir": str(folder), "sample_accuracy": sample_accuracy and sample_accuracy["accuracy"]}
 
     # -- export ---------------------------------------------------------------------------------------------
     def _write_weights(self, folder: Path, suffix: str) -> None:
         from safetensors.torch import save_file
 
         save_unet_folder(self.unet, folder / f"unet{suffix}")
+        save_lora_weights(self.unet, folder, suffix)  # LoRA runs: diffusers LoRA weights for the base model
         if self.au_adapter is not None:
             self.save_au_adapter(folder / f"au_adapter{suffix}.safetensors")
         if isinstance(self.text_proj, nn.Linear):
@@ -546,6 +571,7 @@ class GeneratorModule(L.LightningModule):
                         continue
                     shutil.copytree(src / sub, folder / sub, dirs_exist_ok=True)
         (folder / "text_encoder.json").write_text(json.dumps(ref, indent=2))
+        write_pipeline_index(self, folder)  # model_index.json: a stock StableDiffusionPipeline reads the folder
         meta = {
             "format": EXPORT_FORMAT, "task": self.task_name, "profile": self.profile,
             "label_names": self.label_names, "au_names": self.au_names,

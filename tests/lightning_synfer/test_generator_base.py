@@ -106,3 +106,27 @@ def test_shipped_base_matches_its_provenance_and_loads(name):
     meta = json.loads((folder / "generator_config.json").read_text())
     gen = GeneratorModule.load(folder)
     assert gen.patch_size == meta["patch_size"] and gen.label_names == meta["label_names"]
+
+
+def test_publish_writes_a_base_that_loads_and_vouches_for_its_files(tiny, tmp_path):
+    import os
+
+    from lightning_synfer.tasks import fit
+
+    cfg = compose("generator/tiny_test", tiny(*FAST, "generator.au_adapter=false", "generator.publish_as=mini",
+                                             f"generator.publish_dir={tmp_path / 'shipped'}", "trainer.max_steps=2"))
+    metrics = fit.run(cfg)
+    folder = tmp_path / "shipped" / "mini"
+    assert metrics["published"]["dir"] == str(folder)
+    prov = check_provenance(folder)
+    assert prov["steps"] == 2 and prov["command"].startswith("python run.py") and prov["data"]["train"]["split"] == "train"
+    assert not (folder / "unet_ema").exists()  # the EMA weights are the only ones shipped
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all((p.stat().st_mode & 0o777) == (0o666 & ~umask) for p in folder.rglob("*") if p.is_file())
+    assert [p.name for p in (tmp_path / "shipped").iterdir()] == ["mini"]  # no temporary folder left behind
+    GeneratorModule.load(folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="do not match their recorded sha256"):
+        check_provenance(folder)
