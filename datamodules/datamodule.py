@@ -312,6 +312,8 @@ class FERDataModule(L.LightningDataModule):
 
             seed = ds_cfg.shots_seed if ds_cfg.get("shots_seed") is not None else self.cfg.get("seed", 0)
             records = draw_shots(records, ds_cfg.shots, seed, self.label_space.names, key=f"data.{name}.shots")
+        if ds_cfg.get("repeat", 1) > 1:  # every copy gets its own augmentation draw (seeded per item)
+            records = [r for _ in range(int(ds_cfg.repeat)) for r in records]
         if name == "synthetic":
             for r in records:
                 r.domain = SYNTHETIC

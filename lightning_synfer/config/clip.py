@@ -99,6 +99,7 @@ def validate_shots(cfg: Any) -> None:
         if ds is None:
             continue
         check(ds.shots >= 0, f"data.{name}.shots", ds.shots, "0 (all images) or K > 0 images per class")
+        check(ds.repeat >= 1, f"data.{name}.repeat", ds.repeat, "a number of copies >= 1")
         if ds.shots and d.get("test") is not None:
             t = d.test
             same = (ds.format, ds.root, ds.split) == (t.format, t.root, t.split) and (

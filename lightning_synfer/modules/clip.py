@@ -81,7 +81,8 @@ class CLIPModule(FERClassifierModule):
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         image = self.encoder.encode_image(batch["image"])
         text = self.encoder.encode_text(batch["caption"])
-        return self.loss(image.float(), text.float(), self.scale().float())
+        dtype = torch.promote_types(image.dtype, torch.float32)  # the loss in fp32 under bf16 autocast (fp64 stays)
+        return self.loss(image.to(dtype), text.to(dtype), self.scale().to(dtype))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)

@@ -35,7 +35,7 @@ METRIC_EXCLUDE = ("per_class_recall", "confusion", "_std", "num_", "wall_time", 
 # Preferred column order; the first one present is the plotted metric.
 PRIMARY = ("test.accuracy", "accuracy", "linear.accuracy", "fer_accuracy", "best_val_acc", "val_knn_acc",
            "best_val_knn_acc", "val_linear_acc")
-PLOT_AXES = ("data.mix.synthetic_ratio", "data.mix.synthetic_scale")
+PLOT_AXES = ("data.mix.synthetic_ratio", "data.mix.synthetic_scale", "data.train.shots")
 MISSING = "—"
 
 

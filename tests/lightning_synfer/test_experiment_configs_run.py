@@ -40,6 +40,11 @@ COVERED = {
     "sweeps/embedded_ratio": "test_sweeps.py::test_local_sweep_runs_points_and_skips_finished",
     # every stage, a few steps each: fast_dev_run would leave the stages without the checkpoints later ones read
     "pipeline/embedded": "test_pipeline.py::test_main_pipeline_runs_end_to_end_shrunk",
+    **{f"zeroshot/{n}": "test_clip.py::test_fast_dev_run_fit_miniature"
+       for n in ("embedded_tiny", "embedded_tiny_synthetic", "embedded_tiny_both")},
+    **{f"fewshot/{n}": "test_fewshot_runs.py::test_fast_dev_run_fewshot_configs"
+       for n in ("embedded", "embedded_synthetic", "embedded_synthetic_pretrain")},
+    "sweeps/fewshot_embedded": "test_fewshot_runs.py::test_fewshot_sweep_table_and_plot",
 }
 DISCOVERED_BY = "test_ssl.py::test_fast_dev_run"  # parametrized over ssl_pretraining_on_embedded_data()
 COVERED.update({name: DISCOVERED_BY for name in ssl_pretraining_on_embedded_data()})
@@ -53,6 +58,17 @@ FULL_SCALE = {
     "ssl/probe_affectnet": "AffectNet",
     "ssl/probe_rafdb": "RAF-DB",
     "ssl/probe_sfew": "SFEW",
+    # a transformers CLIPModel folder (paths.clip) and the datasets; test_clip.py runs a tiny CLIPModel folder
+    "zeroshot/base_rafdb": "a CLIP folder and RAF-DB",
+    "zeroshot/base_affectnet": "a CLIP folder and AffectNet",
+    "zeroshot/base_sfew": "a CLIP folder and SFEW",
+    "zeroshot/clip_affectnet": "a CLIP folder, AffectNet with FEText captions and RAF-DB",
+    "zeroshot/clip_synfer": "a CLIP folder, a SynFER set, AffectNet and RAF-DB",
+    "zeroshot/clip_both": "a CLIP folder, AffectNet with FEText captions, a SynFER set and RAF-DB",
+    "fewshot/rafdb_linear": "RAF-DB (and a backbone checkpoint)",
+    "fewshot/rafdb_finetune": "RAF-DB (and a backbone checkpoint)",
+    "fewshot/rafdb_synfer": "RAF-DB, ImageNet ResNet-50 weights and a SynFER set",
+    "sweeps/fewshot_rafdb": "RAF-DB, ImageNet ResNet-50 weights and a SynFER set",
 }
 FULL_SCALE_PREFIX = "paper/"  # every paper table config (test_paper_configs.py)
 
