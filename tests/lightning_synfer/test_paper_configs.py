@@ -23,9 +23,12 @@ TABLES = {
     "ablation": ["paper/generator/sd15", "paper/generator/sd15_fetext", "paper/generator/sd15_synfer"]
     + [f"paper/synthesize/{row}" for row in ABLATION_ROWS]
     + [f"paper/ablation/{d}_{row}" for d in DATASETS for row in ABLATION_ROWS],
+    "labeler": ["paper/labeler/feranno_affectnet", "paper/labeler/rectify"]
+    + [f"paper/ablation/{d}_synfer_intended" for d in DATASETS],
     "supervised": [f"paper/supervised/{d}_{m}{s}" for d in DATASETS for m in BACKBONES for s in ("", "_synfer")]
-    + ["paper/synthesize/synfer_1m"],
-    "synthetic_only": ["paper/synthetic_only/affectnet_resnet50", "paper/synthesize/synfer_1m"],
+    + ["paper/synthesize/synfer_5x"],
+    "synthetic_only": ["paper/synthetic_only/affectnet_resnet50", "paper/synthetic_only/affectnet_resnet50_5x",
+                       "paper/synthesize/synfer_1x", "paper/synthesize/synfer_5x"],
     "ssl": [f"paper/ssl/mocov3_{d}_r50" for d in ("affectnet", "synfer", "both")]
     + [f"paper/ssl/probe_{d}" for d in ("rafdb", "affectnet", "sfew")],
 }
@@ -114,21 +117,27 @@ def test_synfer_affectnet_override_changes_affectnet_roots(monkeypatch, configs)
 def test_gpu_trainer_presets(configs):
     for name, cfg in configs.items():
         assert cfg.trainer.accelerator == "gpu", f"{name}: trainer.accelerator={cfg.trainer.accelerator}"
-    for name in TABLES["supervised"][:-1] + ["paper/generator/sd15_synfer", "paper/synthesize/synfer_1m",
+    for name in TABLES["supervised"][:-1] + ["paper/generator/sd15_synfer", "paper/synthesize/synfer_5x",
                                              "paper/ssl/mocov3_both_r50"]:
         assert configs[name].trainer.strategy == "ddp", name
 
 
-def test_generators_differ_only_in_the_ablated_part(configs):
+def test_generators_are_the_two_stage_recipe(configs):
+    """Each ablation row's generator is the previous one plus one part: SD -> + FEText fine-tune of the whole UNet
+    -> + the FAU adapter trained alone on that frozen UNet (generator.init_from, set by the pipeline)."""
     full, fetext, sd = (configs[f"paper/generator/{n}"] for n in ("sd15_synfer", "sd15_fetext", "sd15"))
     for cfg in (full, fetext, sd):
         assert cfg.task == "generator" and cfg.generator.profile == "sd" and cfg.generator.text_encoder == "clip"
         assert cfg.generator.pretrained_path == cfg.paths.stable_diffusion
     assert full.generator.au_adapter and not fetext.generator.au_adapter and not sd.generator.au_adapter
+    assert fetext.generator.train_unet and not full.generator.train_unet and full.generator.lora_rank == 0
     assert full.data.train.format == fetext.data.train.format == "synthetic"  # FEText: captions + AUs
     assert full.data.train.root == full.paths.affectnet
-    assert full.trainer.max_steps > 0 and fetext.trainer.max_steps == full.trainer.max_steps
+    assert full.trainer.max_steps > 0 and fetext.trainer.max_steps > 0
     assert sd.trainer.max_steps == 0  # the pretrained weights, exported untouched
+    stages = {s.name: s for s in compose("pipeline/paper").pipeline.stages}
+    assert stages["gen_synfer"].experiment == "paper/generator/sd15_synfer"
+    assert "generator.init_from={gen_fetext.export}" in stages["gen_synfer"].overrides
 
 
 def test_synthesis_rows_and_downstream_sets_agree(configs):
@@ -143,8 +152,27 @@ def test_synthesis_rows_and_downstream_sets_agree(configs):
             assert down.data.mix.synthetic_ratio > 0 and down.model.backbone == "resnet50"
             assert down.data.train.format == d
     assert len({configs[f"paper/synthesize/{r}"].synthesis.out for r in ABLATION_ROWS}) == len(ABLATION_ROWS)
-    big = configs["paper/synthesize/synfer_1m"]
-    assert big.synthesis.out == big.paths.synthetic and big.synthesis.num_images == 1_000_000 and big.guidance.enabled
+    for row in ABLATION_ROWS:  # the layout start (DDIM inversion of a real training face) is the SynFER row's only
+        layout = configs[f"paper/synthesize/{row}"].synthesis.layout
+        assert layout.enabled == (row == "synfer"), row
+    lay = configs["paper/synthesize/synfer"].synthesis.layout
+    assert (lay.format, lay.root, lay.split) == ("affectnet", configs["paper/synthesize/synfer"].paths.affectnet, "train")
+    for size, multiple in (("1x", 1.0), ("5x", 5.0)):  # sized by AffectNet train's counted size, not a constant
+        big = configs[f"paper/synthesize/synfer_{size}"]
+        assert big.synthesis.real_multiple == multiple and big.synthesis.num_images == 0 and big.guidance.enabled
+        assert big.synthesis.real_set.format == "affectnet" and big.synthesis.real_set.num_classes == 7
+        assert big.synthesis.layout.enabled
+    assert configs["paper/synthesize/synfer_5x"].synthesis.out == configs["paper/synthesize/synfer_5x"].paths.synthetic
+
+
+def test_feranno_at_sd_scale_and_the_row_without_rectification(configs):
+    lab = configs["paper/labeler/feranno_affectnet"]
+    assert lab.task == "labeler" and lab.data.image_size == 512 and lab.data.train.format == "affectnet"
+    assert lab.labeler.unet_path == lab.paths.stable_diffusion and lab.labeler.t > 0
+    for d in DATASETS:
+        rectified, intended = configs[f"paper/ablation/{d}_synfer"], configs[f"paper/ablation/{d}_synfer_intended"]
+        assert intended.data.synthetic.version == 1 and rectified.data.synthetic.version is None
+        assert intended.data.synthetic.root == rectified.data.synthetic.root
 
 
 def test_supervised_real_and_synthetic(configs):
@@ -159,10 +187,13 @@ def test_supervised_real_and_synthetic(configs):
             assert 0 < mixed.data.mix.synthetic_ratio < 1
 
 
-def test_synthetic_only_is_all_synthetic_at_1x(configs):
-    cfg = configs["paper/synthetic_only/affectnet_resnet50"]
-    assert cfg.data.mix.synthetic_ratio == 1.0 and cfg.data.mix.synthetic_scale == 1.0
-    assert cfg.data.synthetic.root == cfg.paths.synthetic and cfg.data.train.format == "affectnet"
+def test_synthetic_only_is_all_synthetic_at_1x_and_5x(configs):
+    cfg, five = configs["paper/synthetic_only/affectnet_resnet50"], configs["paper/synthetic_only/affectnet_resnet50_5x"]
+    assert cfg.data.mix.synthetic_ratio == five.data.mix.synthetic_ratio == 1.0
+    assert (cfg.data.mix.synthetic_scale, five.data.mix.synthetic_scale) == (1.0, 5.0)
+    assert cfg.data.synthetic.root == configs["paper/synthesize/synfer_1x"].synthesis.out
+    assert five.data.synthetic.root == configs["paper/synthesize/synfer_5x"].synthesis.out
+    assert cfg.data.train.format == "affectnet"
     assert cfg.data.test.format == "affectnet"
     assert compose("paper/synthetic_only/affectnet_resnet50",
                    ["data.mix.synthetic_scale=5"]).data.mix.synthetic_scale == 5  # the sweep's largest point
