@@ -63,6 +63,9 @@ class GeneratorConfig:
     num_au_tokens: int = 4
     au_hidden: int = 256
     au_scale: float = 1.0
+    # to_v_au's start: copy (IP-Adapter: the text branch's values) or zero (the AU branch adds nothing at step 0:
+    # a short adapter fine-tune of a frozen base starts from the base's own images)
+    au_value_init: str = "copy"
     au_dropout: float = 0.1  # share of AU vectors replaced by zeros (guidance; = the no-AU condition)
 
     # diffusion

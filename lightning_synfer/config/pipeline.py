@@ -65,6 +65,16 @@ class ReportTable:
 
 
 @dataclass
+class SummaryFigure:
+    """One figure of report/summary.json: a metric of one stage, or the best of several stages (with which won)."""
+
+    stages: List[str] = field(default_factory=list)
+    metric: str = "test.accuracy"  # dotted path into each stage's metrics.json
+    # extra summary keys read from the winning stage's config: {summary key: dotted config key}
+    config: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class PipelineConfig:
     out: str = "${paths.runs_dir}/pipeline"
     common: List[str] = field(default_factory=list)  # overrides applied to every stage, before its own
@@ -85,6 +95,9 @@ class PipelineConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     report: Dict[str, str] = field(default_factory=dict)  # report builder options (see pipeline/report.py)
     tables: List[ReportTable] = field(default_factory=list)  # paper tables of the report (ours beside the paper's)
+    # report/summary.json: stable keys for the figures the pipeline is meant to show (pipeline/summary.py);
+    # pipeline_seconds and precision are always added.
+    summary: Dict[str, SummaryFigure] = field(default_factory=dict)
     # Print every stage (dependencies, resources, the command, cached or not) and run nothing (`--dry-run`).
     dry_run: bool = False
 
@@ -105,6 +118,10 @@ def validate_pipeline(pipe: Any) -> None:
             for cell in row.cells:
                 check(cell.stage in names, f"pipeline.tables[{table.title}].rows[{row.name}].cells.stage", cell.stage,
                       f"one of the stages {names}")
+    for key, figure in pipe.summary.items():
+        check(bool(figure.stages), f"pipeline.summary.{key}.stages", list(figure.stages), "at least one stage name")
+        for name in figure.stages:
+            check(name in names, f"pipeline.summary.{key}.stages", name, f"one of the stages {names}")
     for stage in pipe.stages:
         res = stage.resources
         key = f"pipeline.stages[{stage.name}].resources"

@@ -126,12 +126,17 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def install_au_processors(unet: nn.Module, num_tokens: int, scale: float = 1.0) -> nn.ModuleDict:
+def install_au_processors(unet: nn.Module, num_tokens: int, scale: float = 1.0,
+                          value_init: str = "copy") -> nn.ModuleDict:
     """Put an AUAttnProcessor on every cross-attention layer; self-attention keeps its processor.
 
     to_k_au / to_v_au start as copies of the layer's to_k / to_v (IP-Adapter's init), so AU tokens are
-    read in the same key/value space as text from the first step.
+    read in the same key/value space as text from the first step. value_init="zero" starts to_v_au at zero
+    instead (ControlNet's zero init): the AU branch adds nothing until it has learnt something, so a short
+    adapter fine-tune of a frozen base starts from exactly the base's images.
     """
+    if value_init not in ("copy", "zero"):
+        raise ValueError(f"generator.au_value_init={value_init!r}: expected copy (IP-Adapter) or zero")
     cross = cross_attention_layers(unet)
     if not cross:
         raise ValueError("install_au_processors: the UNet has no cross-attention layers to condition on AUs")
@@ -142,7 +147,10 @@ def install_au_processors(unet: nn.Module, num_tokens: int, scale: float = 1.0) 
         proc = AUAttnProcessor(attn.to_k.out_features, attn.to_k.in_features, num_tokens, scale)
         with torch.no_grad():
             proc.to_k_au.weight.copy_(_base_weight(attn.to_k))
-            proc.to_v_au.weight.copy_(_base_weight(attn.to_v))
+            if value_init == "copy":
+                proc.to_v_au.weight.copy_(_base_weight(attn.to_v))
+            else:
+                proc.to_v_au.weight.zero_()
         proc.to(device=ref.device, dtype=torch.float32)
         procs[name] = proc
         new[_key(name)] = proc

@@ -134,7 +134,8 @@ class GeneratorModule(L.LightningModule):
         self.au_adapter: Optional[AUAdapter] = None
         if g.au_adapter:
             self.au_adapter = AUAdapter(len(self.au_names), cross_dim, g.num_au_tokens, g.au_hidden, self.au_names)
-            self.au_adapter.processors = install_au_processors(self.unet, g.num_au_tokens, g.au_scale)
+            self.au_adapter.processors = install_au_processors(self.unet, g.num_au_tokens, g.au_scale,
+                                                             str(g.au_value_init))
         if self.base is not None:
             self._init_from_base()
         self._set_unet_trainable(g)

@@ -40,6 +40,8 @@ COVERED = {
     "sweeps/embedded_ratio": "test_sweeps.py::test_local_sweep_runs_points_and_skips_finished",
     # every stage, a few steps each: fast_dev_run would leave the stages without the checkpoints later ones read
     "pipeline/embedded": "test_pipeline.py::test_main_pipeline_runs_end_to_end_shrunk",
+    "pipeline/embedded_base": "test_pipeline.py::test_base_pipeline_publishes_a_loadable_base_shrunk",
+    "pipeline/paper_tiny": "test_paper_tiny.py::test_paper_tiny_runs_the_paper_graph_end_to_end",
     **{f"zeroshot/{n}": "test_clip.py::test_fast_dev_run_fit_miniature"
        for n in ("embedded_tiny", "embedded_tiny_synthetic", "embedded_tiny_both")},
     **{f"fewshot/{n}": "test_fewshot_runs.py::test_fast_dev_run_fewshot_configs"
@@ -69,6 +71,7 @@ FULL_SCALE = {
     "fewshot/rafdb_finetune": "RAF-DB (and a backbone checkpoint)",
     "fewshot/rafdb_synfer": "RAF-DB, ImageNet ResNet-50 weights and a SynFER set",
     "sweeps/fewshot_rafdb": "RAF-DB, ImageNet ResNet-50 weights and a SynFER set",
+    "pipeline/paper": "Stable Diffusion 1.5, AffectNet, RAF-DB and SFEW (pipeline/paper_tiny is the same graph, run)",
 }
 FULL_SCALE_PREFIX = "paper/"  # every paper table config (test_paper_configs.py)
 
@@ -106,8 +109,12 @@ RUN = {
     "labeler/rectify": ("label", lambda a: [f"labeling.ensemble=[{a['labeler']},{a['judge']}]",
                                             "labeling.batch_size=8"]),
     "labeler/no_labeler": ("label", lambda a: []),
+    # publish_as=null: a fast_dev_run must not replace the shipped base
+    "generator/embedded_base": ("fit", lambda a: ["generator.publish_as=null", "trainer.max_time=null"]),
+    "generator/embedded_finetune": ("fit", lambda a: []),  # from the shipped base
 }
-EMBEDDED_DATA = {"labeler/embedded_timm", "ssl/embedded_linear", "ssl/embedded_finetune", "generator/tiny_test"}  # the others read fixtures or set their own sizes (TINY_SYNTH)
+EMBEDDED_DATA = {"labeler/embedded_timm", "ssl/embedded_linear", "ssl/embedded_finetune", "generator/tiny_test",
+                 "generator/embedded_base", "generator/embedded_finetune"}  # the others read fixtures or set their own sizes (TINY_SYNTH)
 
 
 def _is_full_scale(name: str) -> bool:
@@ -135,13 +142,17 @@ def test_covered_configs_name_a_fast_dev_run_that_exists():
             assert "ssl_pretraining_on_embedded_data()" in params, f"{where} is not parametrized by the discovery"
         else:
             assert name in text or f'"{name.split("/")[-1]}"' in text, f"{file} never names {name}"
-        if name != "pipeline/embedded":
+        if not name.startswith("pipeline/"):  # a pipeline is run end to end, shrunk
             assert "fast_dev_run=true" in ast.get_source_segment(text, node), f"{where} is not a fast_dev_run"
 
 
 def test_full_scale_configs_read_external_data_or_models():
     for name in FULL_SCALE:
         cfg = compose(name)
+        if cfg.task == "pipeline":  # its stages are the paper configs, each checked on its own
+            assert all(s.experiment.startswith(FULL_SCALE_PREFIX) or s.experiment in FULL_SCALE
+                       for s in cfg.pipeline.stages if s.task in ("fit", "synthesize")), name
+            continue
         external = [n for n in ("train", "val", "test", "synthetic")
                     if cfg.data.get(n) is not None and cfg.data[n].format != "embedded"]
         assert external or cfg.generator.profile == "sd", f"{name} needs no external data: run it in RUN instead"
