@@ -276,6 +276,10 @@ def compose(experiment: Optional[str] = None, overrides: Iterable[str] = (), *, 
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise _explain(exc, f"experiment={experiment}") from None
+    if cfg.task == "pipeline":
+        from lightning_synfer.config.pipeline import expand_stages
+
+        expand_stages(cfg.pipeline)
     if validate_values:
         validate(cfg)
     return cfg

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from omegaconf import OmegaConf
+
 from lightning_synfer.config.errors import check
 from lightning_synfer.config.sweep import SlurmConfig, check_parallel, check_start_method, timeout_minutes
 
@@ -75,6 +77,14 @@ class SummaryFigure:
 
 
 @dataclass
+class RepeatConfig:
+    """Seed copies of some stages (`<name>_seed<N>`, run with seed=N): summary figures become mean ± std over them."""
+
+    seeds: List[int] = field(default_factory=list)  # the first is the stages' own run; the others are copies
+    stages: List[str] = field(default_factory=list)
+
+
+@dataclass
 class PipelineConfig:
     out: str = "${paths.runs_dir}/pipeline"
     common: List[str] = field(default_factory=list)  # overrides applied to every stage, before its own
@@ -83,6 +93,10 @@ class PipelineConfig:
     # the full pipeline, e.g. pipeline/paper_tiny) shrinks single stages without writing the stage list again.
     stage_overrides: Dict[str, List[str]] = field(default_factory=dict)
     stages: List[StageConfig] = field(default_factory=list)
+    # Appended to `stages`: an overlay experiment (a child of another pipeline, e.g. pipeline/embedded_long) adds
+    # stages without restating its parent's list.
+    extra_stages: List[StageConfig] = field(default_factory=list)
+    repeat: RepeatConfig = field(default_factory=RepeatConfig)
     # 1: stages one by one in this process. N > 1: each stage its own `run.py` process, up to N at once,
     # a stage starting as soon as the stages it depends on are done. `auto`: N from the CPUs.
     parallel: Any = 1
@@ -100,6 +114,45 @@ class PipelineConfig:
     summary: Dict[str, SummaryFigure] = field(default_factory=dict)
     # Print every stage (dependencies, resources, the command, cached or not) and run nothing (`--dry-run`).
     dry_run: bool = False
+
+
+def seed_copy_name(name: str, seed: int) -> str:
+    return f"{name}_seed{seed}"
+
+
+def expand_stages(pipe: Any) -> None:
+    """`stages` + `extra_stages`, then the `repeat` seed copies right after their stage (in place, at compose time).
+
+    A copy reads the copies of the repeated stages it depends on ({ssl_real.ckpt} -> {ssl_real_seed1.ckpt}).
+    """
+    if not pipe.extra_stages and not pipe.repeat.seeds:
+        return
+    stages = [*pipe.stages, *pipe.extra_stages]
+    names = [s.name for s in stages]
+    repeated = list(pipe.repeat.stages)
+    for name in repeated:
+        check(name in names, "pipeline.repeat.stages", name, f"one of the stages {names}")
+    check(len(set(pipe.repeat.seeds)) == len(pipe.repeat.seeds), "pipeline.repeat.seeds", list(pipe.repeat.seeds),
+          "distinct seeds")
+    out = []
+    for stage in stages:
+        out.append(stage)
+        if stage.name not in repeated:
+            continue
+        for seed in list(pipe.repeat.seeds)[1:]:
+            def rename(text: str) -> str:
+                for other in repeated:
+                    text = text.replace("{" + other + ".", "{" + seed_copy_name(other, seed) + ".")
+                return text
+
+            copy = OmegaConf.to_container(stage)
+            copy["name"] = seed_copy_name(stage.name, seed)
+            copy["title"] = f"{stage.title or stage.name} (seed {seed})"
+            copy["overrides"] = [rename(o) for o in copy["overrides"]] + [f"seed={seed}"]
+            copy["after"] = [seed_copy_name(a, seed) if a in repeated else a for a in copy["after"]]
+            out.append(OmegaConf.merge(OmegaConf.structured(StageConfig), copy))
+    pipe.extra_stages = []
+    pipe.stages = out
 
 
 def validate_pipeline(pipe: Any) -> None:

@@ -3,7 +3,8 @@
 Each key names a metric of one stage's metrics.json, or the best of several stages' (then `<key>_stage` says
 which, and `config` copies keys of the winner's config, e.g. `mixed_ratio` <- data.mix.synthetic_ratio). Always
 added: `pipeline_seconds` (wall time of this run, cached stages count 0) and `precision`, the trainer precision
-`auto` chose (from the stages' provenance), with its reason. Missing figures are null, never guessed.
+`auto` chose (from the stages' provenance), with its reason. Missing figures are null, never guessed. A stage with seed copies (`pipeline.repeat`) gives the mean over them,
+with `<key>_std` (sample std) and `<key>_seeds`.
 """
 from __future__ import annotations
 
@@ -53,13 +54,22 @@ def build_summary(stages: dict[str, dict[str, Any]], figures: dict[str, Any], pi
                   cpu_model: Optional[str] = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, fig in figures.items():
-        values = [(name, _get(stages[name].get("metrics") or {}, fig["metric"])) for name in fig["stages"]]
-        values = [(n, v) for n, v in values if isinstance(v, (int, float))]
-        if not values:
+        groups = []  # (stage, its value and those of its seed copies `<stage>_seed<N>`, pipeline.repeat)
+        for name in fig["stages"]:
+            members = [name, *(k for k in stages if k.startswith(f"{name}_seed") and k[len(name) + 5:].isdigit())]
+            vals = [_get(stages[m].get("metrics") or {}, fig["metric"]) for m in members]
+            vals = [float(v) for v in vals if isinstance(v, (int, float))]
+            if vals:
+                groups.append((name, vals))
+        if not groups:
             out[key] = None
             continue
-        name, value = max(values, key=lambda nv: nv[1])
-        out[key] = float(value)
+        name, vals = max(groups, key=lambda g: sum(g[1]) / len(g[1]))
+        out[key] = sum(vals) / len(vals)
+        if len(vals) > 1:
+            mean = out[key]
+            out[f"{key}_std"] = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+            out[f"{key}_seeds"] = len(vals)
         if len(fig["stages"]) > 1:
             out[f"{key}_stage"] = name
         cfg = _stage_config(stages[name]) if fig.get("config") else {}

@@ -41,6 +41,7 @@ COVERED = {
     # every stage, a few steps each: fast_dev_run would leave the stages without the checkpoints later ones read
     "pipeline/embedded": "test_pipeline.py::test_main_pipeline_runs_end_to_end_shrunk",
     "pipeline/embedded_base": "test_pipeline.py::test_base_pipeline_publishes_a_loadable_base_shrunk",
+    "pipeline/embedded_long": "test_pipeline.py::test_long_variant_adds_stages_and_seed_copies_that_read_their_own_copies",
     "pipeline/paper_tiny": "test_paper_tiny.py::test_paper_tiny_runs_the_paper_graph_end_to_end",
     **{f"zeroshot/{n}": "test_clip.py::test_fast_dev_run_fit_miniature"
        for n in ("embedded_tiny", "embedded_tiny_synthetic", "embedded_tiny_both")},
@@ -106,6 +107,8 @@ RUN = {
         f"generation_eval.real.root={a['faces']}",
         "generation_eval.kid_subset_size=3", "generation_eval.batch_size=4"]),
     "generator/annotate": ("annotate", lambda a: [f"annotate.root={a['faces']}", "annotate.batch_size=4"]),
+    "generator/au_sweep": ("au-sweep", lambda a: [f"synthesis.generator={a['gen']}", "sampling.steps=2",
+                                                   "au_sweep.cell_size=16"]),
     "labeler/rectify": ("label", lambda a: [f"labeling.ensemble=[{a['labeler']},{a['judge']}]",
                                             "labeling.batch_size=8"]),
     "labeler/no_labeler": ("label", lambda a: []),
@@ -214,6 +217,8 @@ def _assert_metrics(task: str, metrics: dict) -> None:
         assert metrics["complete"] and metrics["num_records"] == 4 and metrics["num_failed"] == 0
     if task == "label":
         assert metrics["version"] == 2 and metrics["num_records"] == 8
+    if task == "au-sweep":  # fast_dev_run: one predict batch holds the whole sweep
+        assert list(metrics["aus"]) == ["AU12", "AU4"] and metrics["num_images"] == 2 * 5 + 2
 
 
 @pytest.mark.slow

@@ -364,3 +364,40 @@ def test_base_pipeline_publishes_a_loadable_base_shrunk(tmp_path):
     assert prov["sample_accuracy"]["images"] == 16 and 0 <= prov["sample_accuracy"]["accuracy"] <= 1
     assert "experiment=generator/embedded_base" in prov["command"]
     assert GeneratorModule.load(shipped / "embedded_base").patch_size == 4
+
+
+def test_long_variant_adds_stages_and_seed_copies_that_read_their_own_copies(tmp_path, capsys):
+    """pipeline/embedded_long: the main job's stages, extra 2x/5x stages, 3-seed copies wired to each other; its
+    graph checks (every stage after the ones it reads). Its stages are configs the main-job test runs shrunk."""
+
+    main = [s.name for s in compose("pipeline/embedded").pipeline.stages]
+    cfg = compose("pipeline/embedded_long", [f"paths.runs_dir={tmp_path / 'runs'}", "pipeline.dry_run=true"])
+    stages = {s.name: s for s in cfg.pipeline.stages}
+    assert [n for n in stages if n in main] == main and not cfg.pipeline.extra_stages
+    assert {"synthetic_5x", "label_5x", "synthetic_only_5x", "synthetic_only_5x_seed2"} <= set(stages)
+    copy = stages["synthetic_only_5x_seed1"]
+    assert copy.overrides[-1] == "seed=1" and list(copy.after) == ["label_5x"]  # label_5x is not repeated
+    assert stages["real_only_seed2"].overrides[-1] == "seed=2"
+    runner._check_stages(cfg)
+    names = list(stages)
+    graph = {s.name: runner.stage_dependencies(s, list(cfg.pipeline.common), (), names[:i])
+             for i, s in enumerate(cfg.pipeline.stages)}
+    assert graph["synthetic_only_5x_seed2"] == ["label_5x", "synthetic_5x"]
+
+
+def test_seed_copies_read_the_copies_of_repeated_stages():
+    cfg = compose("pipeline/embedded", ["pipeline.repeat.seeds=[0,5]", "pipeline.repeat.stages=[ssl_real,probe_real]"])
+    stages = {s.name: s for s in cfg.pipeline.stages}
+    assert stages["probe_real_seed5"].overrides[0] == "ckpt={ssl_real_seed5.ckpt}"
+    assert stages["probe_real"].overrides[0] == "ckpt={ssl_real.ckpt}"
+    with pytest.raises(ConfigError, match="pipeline.repeat.stages"):
+        compose("pipeline/embedded", ["pipeline.repeat.seeds=[0,1]", "pipeline.repeat.stages=[nope]"])
+
+
+def test_summary_of_seed_copies_is_mean_and_std(tmp_path):
+    from lightning_synfer.pipeline.summary import build_summary
+
+    stages = {n: {"task": "fit", "run_dir": str(tmp_path), "metrics": {"test": {"accuracy": a}}}
+              for n, a in (("row", 0.5), ("row_seed1", 0.7), ("row_seed2", 0.6), ("rowx", 0.9))}
+    out = build_summary(stages, {"acc": {"stages": ["row"], "metric": "test.accuracy", "config": {}}}, 1.0)
+    assert out["acc"] == pytest.approx(0.6) and out["acc_std"] == pytest.approx(0.1) and out["acc_seeds"] == 3
