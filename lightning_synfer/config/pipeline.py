@@ -38,6 +38,16 @@ class StageConfig:
     # (the render stage's cache files). With pipeline.parallel > 1 independent stages overlap.
     after: List[str] = field(default_factory=list)
     resources: StageResources = field(default_factory=StageResources)
+    # Seconds the stage took on the machine of `pipeline.reference` (the plan scales it to this machine's speed)
+    estimate_s: Optional[float] = None
+
+
+@dataclass
+class ReferenceMachine:
+    """Where the stages' estimate_s were measured: its CPU and its pipeline/estimate.speed_probe score."""
+
+    machine: str = ""
+    probe: Optional[float] = None  # img/s of speed_probe there
 
 
 @dataclass
@@ -97,6 +107,7 @@ class PipelineConfig:
     # stages without restating its parent's list.
     extra_stages: List[StageConfig] = field(default_factory=list)
     repeat: RepeatConfig = field(default_factory=RepeatConfig)
+    reference: ReferenceMachine = field(default_factory=ReferenceMachine)  # of the stages' estimate_s
     # 1: stages one by one in this process. N > 1: each stage its own `run.py` process, up to N at once,
     # a stage starting as soon as the stages it depends on are done. `auto`: N from the CPUs.
     parallel: Any = 1

@@ -29,6 +29,7 @@ from datamodules.atomic import atomic_write_json
 from lightning_synfer.config.compose import compose, to_container
 from lightning_synfer.config.errors import ConfigError
 from lightning_synfer.config.pipeline import validate_pipeline
+from lightning_synfer.pipeline.estimate import makespan, scaled_estimates, speed_probe
 from lightning_synfer.scheduling import Job, JobFailed, run_graph
 from lightning_synfer.scheduling.executors import InProcessExecutor, LocalProcessExecutor, resolve_parallel
 from lightning_synfer.scheduling.slurm import SubmititExecutor, slurm_parameters
@@ -106,6 +107,26 @@ def after_own_overrides(pipe: DictConfig, stage: DictConfig) -> tuple[str, ...]:
 
 SHOWN_SLURM_PARAMETERS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "timeout_min",
                           "slurm_partition")
+
+
+def print_estimate(cfg: DictConfig, graph: dict[str, list[str]], parallel: int,
+                   log: Callable[[str], None]) -> dict[str, float]:
+    """The stage plan with each stage's expected seconds on this machine and the total; the estimates returned."""
+    pipe = cfg.pipeline
+    given = {s.name: s.estimate_s for s in pipe.stages if s.estimate_s is not None}
+    if not given or pipe.executor != "local":
+        return {}
+    here = speed_probe()
+    estimates = scaled_estimates(given, pipe.reference.probe, here)
+    names = [s.name for s in pipe.stages]
+    total = makespan(names, graph, estimates, parallel)
+    log(f"[synfer] plan: {len(names)} stages, {parallel} at a time, about {total / 60:.1f} min here "
+        f"(speed probe {here:.0f} img/s; the estimates were measured on {pipe.reference.machine or '?'} at "
+        f"{pipe.reference.probe or '?'} img/s)")
+    for i, stage in enumerate(pipe.stages, 1):
+        after = ", ".join(graph[stage.name]) or "-"
+        log(f"[synfer]   {i:02d} {stage.name:<32} ~{estimates.get(stage.name, 0):5.0f} s  after {after}")
+    return estimates
 
 
 def print_plan(cfg: DictConfig, root: Path, graph: dict[str, list[str]], log: Callable[[str], None]) -> None:
@@ -191,6 +212,19 @@ class _Run:
     in_process: bool
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> index, stage, key, dirs, start time
+    graph: dict[str, list[str]] = field(default_factory=dict)
+    estimates: dict[str, float] = field(default_factory=dict)  # stage -> seconds expected here (pipeline/estimate.py)
+    parallel: int = 1
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def progress(self) -> str:
+        """`k/N done, 123 s in, ~456 s left` (the estimate of what has not run, replayed as the scheduler runs it)."""
+        names = [s.name for s in self.cfg.pipeline.stages]
+        line = f"{len(self.done)}/{len(names)} done, {time.perf_counter() - self.t_start:.0f} s in"
+        if self.estimates:
+            left = makespan(names, self.graph, self.estimates, self.parallel, done=list(self.done))
+            line += f", ~{left:.0f} s left"
+        return line
 
     def prepare(self, name: str) -> Optional[Job]:
         pipe = self.cfg.pipeline
@@ -236,7 +270,9 @@ class _Run:
                   "metrics": json.loads((run_dir / "metrics.json").read_text())}
         atomic_write_json(info["dir"] / "stage.json", record)
         self.done[stage.name] = json.loads((info["dir"] / "stage.json").read_text())
-        self.log(f"[synfer] {info['title']}: done in {record['wall_time_s']:.0f} s")
+        expected = self.estimates.get(stage.name)
+        self.log(f"[synfer] {info['title']}: done in {record['wall_time_s']:.0f} s"
+                 + (f" (estimate {expected:.0f} s)" if expected is not None else "") + f"; {self.progress()}")
 
 
 def run_pipeline(cfg: DictConfig, *, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
@@ -260,7 +296,8 @@ def run_pipeline(cfg: DictConfig, *, log: Callable[[str], None] = print) -> dict
         return {}
     root.mkdir(parents=True, exist_ok=True)
     executor, parallel = _executor(pipe, root)
-    state = _Run(cfg, root, log, executor.in_process)
+    state = _Run(cfg, root, log, executor.in_process, graph=graph, parallel=parallel)
+    state.estimates = print_estimate(cfg, graph, parallel, log)
     started = time.perf_counter()
     outcome = run_graph(graph, executor=executor, parallel=parallel, prepare=state.prepare, finish=state.finish,
                         started=state.started, fail_fast=True, log=log)

@@ -173,7 +173,8 @@ def test_main_pipeline_runs_end_to_end_shrunk(tmp_path, capsys):
     assert "| synthetic only | 1.00 | intended (v1) |" in out
     assert "| synthetic only | 1.00 | rectified (v2) |" in out
     report_dir = tmp_path / "runs" / "pipeline" / "pipeline_embedded" / "report"
-    for name in ("report.md", "accuracy_vs_ratio.png", "confusion_matrices.png", "synthetic_samples.png"):
+    for name in ("report.md", "accuracy_vs_ratio.png", "confusion_matrices.png", "synthetic_samples.png",
+                 "au_sweep.png", "real_vs_generated.png"):
         assert (report_dir / name).is_file(), name
     summary = json.loads((report_dir / "summary.json").read_text())
     for key in SUMMARY_KEYS:  # the figures issue 15 names, under these keys; every one measured, none guessed
@@ -401,3 +402,17 @@ def test_summary_of_seed_copies_is_mean_and_std(tmp_path):
               for n, a in (("row", 0.5), ("row_seed1", 0.7), ("row_seed2", 0.6), ("rowx", 0.9))}
     out = build_summary(stages, {"acc": {"stages": ["row"], "metric": "test.accuracy", "config": {}}}, 1.0)
     assert out["acc"] == pytest.approx(0.6) and out["acc_std"] == pytest.approx(0.1) and out["acc_seeds"] == 3
+
+
+def test_plan_estimate_replays_the_schedule_and_scales_to_this_machine():
+    from lightning_synfer.pipeline.estimate import makespan, scaled_estimates, speed_probe
+
+    graph = {"a": [], "b": [], "c": ["a"], "d": ["b", "c"]}
+    secs = {"a": 10.0, "b": 4.0, "c": 5.0, "d": 1.0}
+    assert makespan(list(graph), graph, secs, 1) == 20.0
+    assert makespan(list(graph), graph, secs, 2) == 16.0  # c waits for a (10 s), d for c
+    assert makespan(list(graph), graph, secs, 2, done=["a", "b"]) == 6.0
+    # a machine twice as fast as the reference halves every estimate; no reference score: as measured
+    assert scaled_estimates({"a": 10.0, "b": None}, 200.0, 400.0) == {"a": 5.0}
+    assert scaled_estimates({"a": 10.0}, None, 400.0) == {"a": 10.0}
+    assert speed_probe(seconds=0.1) > 0

@@ -1,0 +1,66 @@
+"""The stage plan's time estimate: each stage's measured seconds on a reference machine, scaled to this one.
+
+`pipeline.stages[*].estimate_s` holds what the stage took on the machine named in `pipeline.reference`
+(docs/BENCHMARKS.md), whose `speed_probe` score is `pipeline.reference.probe`. Here the same probe runs once
+(~1 s: fp32 training steps of a small CNN on one thread, what most stages are made of), and every estimate is
+scaled by reference / here. The plan's total replays the scheduler: stages in list order, each once its
+dependencies are done, `parallel` at a time.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def speed_probe(seconds: float = 0.8, batch: int = 64) -> float:
+    """Images per second of fp32 training steps of a small 32 px CNN on one thread (higher is faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(64, 8))
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        x = torch.randn(batch, 1, 32, 32, generator=gen)
+        y = torch.randint(0, 8, (batch,), generator=gen)
+
+        def step() -> None:
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+
+        step()  # warm-up: oneDNN picks its kernels
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            step()
+            done += batch
+        return done / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def makespan(names: Sequence[str], graph: dict[str, list[str]], seconds: dict[str, float], parallel: int,
+             done: Sequence[str] = ()) -> float:
+    """Seconds until every stage not in `done` has run, scheduled as run_graph does (list order, deps first)."""
+    finish: dict[str, float] = {n: 0.0 for n in done}
+    slots = [0.0] * max(1, parallel)
+    for name in names:
+        if name in finish:
+            continue
+        ready = max((finish.get(d, 0.0) for d in graph.get(name, [])), default=0.0)
+        slot = min(range(len(slots)), key=lambda i: slots[i])
+        start = max(slots[slot], ready)
+        finish[name] = slots[slot] = start + seconds.get(name, 0.0)
+    return max(finish.values(), default=0.0)
+
+
+def scaled_estimates(estimates: dict[str, Optional[float]], reference_probe: Optional[float],
+                     here_probe: float) -> dict[str, float]:
+    factor = (reference_probe / here_probe) if reference_probe and here_probe > 0 else 1.0
+    return {name: float(s) * factor for name, s in estimates.items() if s is not None}
