@@ -16,7 +16,8 @@ from lightning_synfer.config.clip import ClipConfig
 from lightning_synfer.config.generator import GeneratorConfig
 from lightning_synfer.config.labeler import LabelerConfig, LabelingConfig
 from lightning_synfer.config.ssl import SSLConfig
-from lightning_synfer.config.synthesis import GenerationEvalConfig, GuidanceConfig, SamplingConfig, SynthesisConfig
+from lightning_synfer.config.synthesis import (AUSweepConfig, GenerationEvalConfig, GuidanceConfig, SamplingConfig,
+                                               SynthesisConfig)
 from lightning_synfer.config.pipeline import PipelineConfig
 from lightning_synfer.config.sweep import SweepConfig
 
@@ -245,6 +246,7 @@ class Config:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)  # semantic guidance while sampling
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)  # `synthesize` (with its layout start)
     generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # `evaluate-generation`
+    au_sweep: AUSweepConfig = field(default_factory=AUSweepConfig)  # `au-sweep`: one face, one AU raised per row
     # self-supervised pre-training and probes (lightning_synfer/config/ssl.py)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     # the diffusion generator (lightning_synfer/config/generator.py)

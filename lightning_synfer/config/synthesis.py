@@ -4,11 +4,12 @@
         [guidance.enabled=true guidance.classifier=CKPT]
     python run.py evaluate-generation generation_eval.dataset=DIR generation_eval.judge=CKPT \
         [generation_eval.real.root=DIR]
+    python run.py au-sweep synthesis.generator=PATH [au_sweep.aus=[AU12,AU4]] [au_sweep.values=[0,0.5,1]]
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from datamodules.adapters import FORMATS
 from lightning_synfer.config.choices import Choice
@@ -147,6 +148,19 @@ class GenerationEvalConfig:
     real: RealImagesConfig = field(default_factory=RealImagesConfig)
 
 
+@dataclass
+class AUSweepConfig:
+    """`au-sweep`: one identity (a fixed seed and caption) with one AU raised across a row, one row per AU; every
+    other AU stays 0. The generator is synthesis.generator, the sampler sampling.* (as `synthesize`)."""
+
+    aus: List[str] = field(default_factory=lambda: ["AU12", "AU4"])  # lip corner puller, brow lowerer; any spelling
+    values: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # AU intensities, in [0, 1]
+    caption: str = "a close-up photo of a face looking neutral"
+    seed: int = 0  # the x_T of every image: the same face throughout
+    batch_size: int = 32  # images per sampler call
+    cell_size: int = 96  # pixels per face in au_sweep.png (faces are upscaled, nearest neighbour)
+
+
 IMAGE_SOURCE_FORMATS = ("images", *FORMATS.names())  # a folder of any images, or a registered dataset format
 
 
@@ -183,6 +197,13 @@ def validate_synthesis(cfg: Any) -> None:
     check(j.batch_size >= 1, "generation_eval.batch_size", j.batch_size, "a batch size >= 1")
     check(0.0 < j.au_threshold < 1.0, "generation_eval.au_threshold", j.au_threshold, "a value in (0, 1)")
     check(j.kid_subset_size >= 2, "generation_eval.kid_subset_size", j.kid_subset_size, "at least 2")
+    w = cfg.get("au_sweep")
+    if w is not None:
+        check(len(w.aus) >= 1, "au_sweep.aus", list(w.aus), "at least one AU name, e.g. [AU12, AU4]")
+        check(len(w["values"]) >= 1 and all(0.0 <= float(v) <= 1.0 for v in w["values"]), "au_sweep.values",
+              list(w["values"]), "a non-empty list of AU intensities in [0, 1]")
+        check(w.batch_size >= 1, "au_sweep.batch_size", w.batch_size, "a batch size >= 1")
+        check(w.cell_size >= 8, "au_sweep.cell_size", w.cell_size, "at least 8 pixels per face")
     r = j.real
     check(r.format in IMAGE_SOURCE_FORMATS, "generation_eval.real.format", r.format, f"one of {IMAGE_SOURCE_FORMATS}")
     check(r.max_images >= 0, "generation_eval.real.max_images", r.max_images, "0 (all) or a positive count")

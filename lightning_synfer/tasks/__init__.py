@@ -28,6 +28,9 @@ TASKS: dict[str, tuple[str, Optional[str], str]] = {
     "synthesize": ("lightning_synfer.tasks.synthesize:run", "generator/synthesize_embedded",
                    "generate a labelled synthetic face set (synthesis.generator=... synthesis.num_images=N "
                    "synthesis.out=DIR); resumable"),
+    "au-sweep": ("lightning_synfer.tasks.au_sweep:run", "generator/au_sweep",
+                 "one face with one AU raised from 0 to 1 per row (synthesis.generator=... au_sweep.aus=[AU12,AU4] "
+                 "au_sweep.values=[...]): au_sweep.png and the pixel change per AU value"),
     "annotate": ("lightning_synfer.tasks.annotate:run", "generator/annotate",
                  "real faces -> a FEText-style set with AUs (OpenFace/py-feat/LibreFace CSV or an AU model), "
                  "captions and labels (annotate.root=DIR annotate.out=DIR); resumable"),
