@@ -527,7 +527,10 @@ class GeneratorModule(L.LightningModule):
                                                      int(g.sample_steps), float(g.sample_guidance))
         prov_path = Path(str(trainer.default_root_dir)) / "provenance.json"
         argv = json.loads(prov_path.read_text()).get("argv", []) if prov_path.is_file() else []
-        argv = [a for a in argv if not a.startswith(("run_dir=", "overwrite="))]  # where it ran, not what it is
+        from lightning_synfer.config.schema import VOLATILE_KEYS
+
+        # where and how it ran (run dir, resumption), not what it computes
+        argv = [a for a in argv if not a.startswith(tuple(f"{k}=" for k in VOLATILE_KEYS))]
         train = OmegaConf.to_container(self.cfg.data.train, resolve=True)
         folder = publish(self, g.publish_as, argv=argv, steps=int(trainer.global_step), final_loss=self._last_loss,
                          data={"train": train, "image_size": int(self.cfg.data.image_size),

@@ -268,12 +268,16 @@ def test_embedded_pipeline_renders_first_and_its_stages_reuse_that_cache(tmp_pat
     pipe = compose("pipeline/embedded").pipeline
     stages = {s.name: s for s in pipe.stages}
     first, second = pipe.stages[0], pipe.stages[1]
-    assert (first.name, first.task, first.title) == ("render", "render", "1. render the real embedded faces")
-    assert second.name == "classifier" and second.title.startswith("2. ")
-    render_cfg = _stage_config(first, pipe.common, tmp_path)
-    rendered = {cache_path(render_cfg, render_cfg.data[n]) for n in SPLITS
-                if render_cfg.data.get(n) is not None and render_cfg.data[n].format == "embedded"}
-    assert len(rendered) == 3
+    assert (first.name, first.task) == ("render", "render") and first.title.startswith("1. render the real")
+    assert (second.name, second.task) == ("render_pool", "render")
+
+    def rendered_by(stage) -> set:
+        cfg = _stage_config(stage, pipe.common, tmp_path)
+        return {cache_path(cfg, cfg.data[n]) for n in SPLITS
+                if cfg.data.get(n) is not None and cfg.data[n].format == "embedded"}
+
+    rendered, pool = rendered_by(first), rendered_by(second)
+    assert len(rendered) == 3 and len(pool - rendered) == 1  # the pool shares val and test with the real set
 
     def loaded(stage) -> set:
         cfg = _stage_config(stage, pipe.common, tmp_path)
@@ -281,11 +285,13 @@ def test_embedded_pipeline_renders_first_and_its_stages_reuse_that_cache(tmp_pat
         return {cache_path(cfg, cfg.data[n]) for n in names
                 if cfg.data.get(n) is not None and cfg.data[n].format == "embedded"}
 
-    reuse = ["classifier", "generator", "synthetic", "real_only", "synthetic_only", "synthetic_only_intended",
-             "mixed_025", "mixed_050", "probe_real", "probe_synthetic", "probe_both"]
-    own_sizes = ["labeler", "ssl_real", "ssl_synthetic", "ssl_both"]  # 1600 training faces: another split
-    no_data = ["generation_quality", "label"]  # read the synthetic set only
-    assert set(stages) == {"render", *reuse, *own_sizes, *no_data}
+    reuse = ["real_only", "generator", "synthetic", "synthetic_no_guidance", "synthetic_only",
+             "synthetic_only_intended", "ssl_real", "ssl_synthetic", "ssl_both", "probe_real", "probe_synthetic",
+             "probe_both"]
+    own_sizes = ["labeler", "real_low", "mixed_low_050", "mixed_low_075"]  # 400 test / 320 training faces
+    no_data = ["generation_quality", "generation_quality_no_guidance", "label", "au_sweep"]  # read sets or models
+    assert set(stages) == {"render", "render_pool", "judge", *reuse, *own_sizes, *no_data}
+    assert loaded(stages["judge"]) and loaded(stages["judge"]) <= rendered | pool
     for name in reuse:
         assert loaded(stages[name]) and loaded(stages[name]) <= rendered, name
     for name in own_sizes:
