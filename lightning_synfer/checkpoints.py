@@ -47,10 +47,10 @@ def with_schema_defaults(stored: dict) -> dict:
         return stored
     from omegaconf import OmegaConf
 
-    from lightning_synfer.config.schema import Config
+    from lightning_synfer.config.compose import schema_config
 
     # enum_to_str: the schema's Choice defaults become plain strings (checkpoints load with weights_only=True)
-    return _deep_update(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True, enum_to_str=True), stored)
+    return _deep_update(OmegaConf.to_container(schema_config(), resolve=True, enum_to_str=True), stored)
 
 
 def load_module(path: str | os.PathLike, *, tasks: Optional[Sequence[str]] = None,
