@@ -68,6 +68,9 @@ class LabelingConfig:
     mode: LabelingMode = LabelingMode.rectify
     source_version: int = 1  # manifest version whose intended labels are checked (1 = as generated)
     min_confidence: Optional[float] = None  # drop records whose ensemble max probability is below this
+    # weight of the intended label in the soft label of a disagreeing record (labeling/rectify.py): 0 = the
+    # ensemble's mean alone; 1 = the generator's intention as one more vote (softened, not overwritten)
+    intended_weight: float = 0.0
     batch_size: int = 32  # per device
 
 
@@ -107,3 +110,4 @@ def validate_labeler(cfg: Any) -> None:
         check(lc.min_confidence is None or 0.0 <= lc.min_confidence <= 1.0, "labeling.min_confidence",
               lc.min_confidence, "null or a probability in [0, 1]")
         check(lc.batch_size >= 1, "labeling.batch_size", lc.batch_size, "a per-device batch size >= 1")
+        check(lc.intended_weight >= 0, "labeling.intended_weight", lc.intended_weight, "a vote weight >= 0")

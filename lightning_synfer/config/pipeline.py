@@ -132,7 +132,7 @@ def seed_copy_name(name: str, seed: int) -> str:
 
 
 def expand_stages(pipe: Any) -> None:
-    """`stages` + `extra_stages`, then the `repeat` seed copies right after their stage (in place, at compose time).
+    """`stages` + `extra_stages`, then the `repeat` seed copies right after their stage (in place, once, by compose).
 
     A copy reads the copies of the repeated stages it depends on ({ssl_real.ckpt} -> {ssl_real_seed1.ckpt}).
     """
@@ -162,8 +162,7 @@ def expand_stages(pipe: Any) -> None:
             copy["overrides"] = [rename(o) for o in copy["overrides"]] + [f"seed={seed}"]
             copy["after"] = [seed_copy_name(a, seed) if a in repeated else a for a in copy["after"]]
             out.append(OmegaConf.merge(OmegaConf.structured(StageConfig), copy))
-    pipe.extra_stages = []
-    pipe.stages = out
+    pipe.stages = out  # extra_stages stays as written: the record of what the overlay added
 
 
 def validate_pipeline(pipe: Any) -> None:

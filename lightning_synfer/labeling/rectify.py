@@ -5,7 +5,11 @@ label space). Then:
 
     agreement = share of members voting for the intended label                        (in [0, 1])
     majority agrees (agreement > 1/2)   -> the hard intended label is kept             label_source "intended"
-    otherwise                           -> label_soft = mean of the members' probabilities   "ensemble"
+    otherwise                           -> label_soft = (w x one-hot(intended) + sum of the members'
+                                           probabilities) / (w + members)                     "ensemble"
+                                           (w = labeling.intended_weight: 0 replaces the intended label by the
+                                           ensemble's mean; 1 counts the generator's intention as one more vote,
+                                           which softens the label instead of overwriting it)
     min_confidence set and max(mean probabilities) < min_confidence -> the record is dropped
 
 The confidence is the ensemble's (the max of the mean distribution), for agreeing records too: a face the
@@ -34,7 +38,8 @@ def normalize(probs: np.ndarray) -> np.ndarray:
     return probs / total
 
 
-def decide(intended: int, probs: np.ndarray, min_confidence: Optional[float] = None) -> dict[str, Any]:
+def decide(intended: int, probs: np.ndarray, min_confidence: Optional[float] = None,
+           intended_weight: float = 0.0) -> dict[str, Any]:
     """The rule for one record. `probs`: (members, classes). Returns the fields the new record gets."""
     probs = normalize(probs)
     votes = probs.argmax(axis=1)
@@ -47,13 +52,16 @@ def decide(intended: int, probs: np.ndarray, min_confidence: Optional[float] = N
     if agreement > 0.5:
         out.update(label_source=INTENDED, label_soft=None, label_rectified=int(intended))
     else:
-        out.update(label_source=ENSEMBLE, label_soft=[float(p) for p in mean], label_rectified=int(mean.argmax()))
+        soft = probs.sum(axis=0)
+        soft[intended] += intended_weight
+        soft = soft / soft.sum()
+        out.update(label_source=ENSEMBLE, label_soft=[float(p) for p in soft], label_rectified=int(soft.argmax()))
     return out
 
 
 def rectify(records: Sequence[Mapping], probs_by_id: Mapping[str, np.ndarray], label_names: Sequence[str], *,
             min_confidence: Optional[float] = None, mode: str = "rectify",
-            bad_ids: Sequence[str] = ()) -> tuple[list[dict], dict[str, Any]]:
+            bad_ids: Sequence[str] = (), intended_weight: float = 0.0) -> tuple[list[dict], dict[str, Any]]:
     """New manifest records and the summary. mode="none" keeps every intended label (the "no labeler" row).
 
     Records in `bad_ids` (images that could not be decoded) are left out of the new version and counted.
@@ -82,7 +90,7 @@ def rectify(records: Sequence[Mapping], probs_by_id: Mapping[str, np.ndarray], l
             continue
         if rec["id"] not in probs_by_id:
             raise ValueError(f"record {rec['id']!r}: no ensemble prediction (the labelling run is incomplete)")
-        d = decide(intended, probs_by_id[rec["id"]], min_confidence)
+        d = decide(intended, probs_by_id[rec["id"]], min_confidence, intended_weight)
         agreements.append(d["agreement"])
         if d["agreement"] > 0.5:
             counts["num_agreed"] += 1
@@ -109,7 +117,7 @@ def rectify(records: Sequence[Mapping], probs_by_id: Mapping[str, np.ndarray], l
         "mode": mode, "num_records": len(records), "num_kept": len(new), **counts,
         "agreement_rate": counts["num_agreed"] / labelled if labelled and mode != "none" else None,
         "mean_agreement": float(np.mean(agreements)) if agreements else None,
-        "min_confidence": min_confidence, "per_class": per_class, "label_names": list(label_names),
+        "min_confidence": min_confidence, "intended_weight": intended_weight, "per_class": per_class, "label_names": list(label_names),
         "confusion": confusion.tolist(),  # rows: intended, columns: rectified (kept records)
     }
     return new, summary

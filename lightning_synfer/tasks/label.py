@@ -236,13 +236,13 @@ def predict_ensemble(cfg: DictConfig, job: LabelingJob, run_dir: Any,
 
 
 def write_rectified(job: LabelingJob, run_dir: Any, probs: dict[str, np.ndarray], bad: dict[str, str],
-                    min_confidence: Optional[float], num_new: int) -> tuple[dict, str, int]:
+                    min_confidence: Optional[float], num_new: int, intended_weight: float = 0.0) -> tuple[dict, str, int]:
     """Apply the rule and write the next manifest version, its summary and confusion figure: (summary, path, v)."""
     from datamodules.atomic import atomic_write_json
     from datamodules.synthetic import newest_version, write_manifest
 
     new, summary = rectify(job.records, probs, job.label_names, min_confidence=min_confidence, mode=job.mode,
-                           bad_ids=list(bad))
+                           bad_ids=list(bad), intended_weight=intended_weight)
     version = newest_version(job.root) + 1
     path = write_manifest(job.root, new, version=version)  # atomic; an existing version is never replaced
     summary.update(source_manifest=job.source, manifest=path, version=version, ensemble=job.ensemble,
@@ -263,7 +263,7 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, callbacks: Sequenc
     lc = cfg.labeling
     job = labeling_job(lc)
     # One manifest version per min_confidence: the same command after a finished run writes nothing new.
-    settings = json.dumps({"min_confidence": lc.min_confidence}, sort_keys=True)
+    settings = json.dumps({"min_confidence": lc.min_confidence, "intended_weight": lc.intended_weight}, sort_keys=True)
     run_dir = start_run(cfg, argv)
     written = _read_json(job.work / WRITTEN_FILE)
     if settings in written and os.path.isfile(written[settings]["manifest"]):
@@ -285,7 +285,8 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None, *, callbacks: Sequenc
         probs, bad, num_new = predicted
     if not is_global_zero():
         return {}
-    summary, path, version = write_rectified(job, run_dir, probs, bad, lc.min_confidence, num_new)
+    summary, path, version = write_rectified(job, run_dir, probs, bad, lc.min_confidence, num_new,
+                                             float(lc.intended_weight))
     written[settings] = {"manifest": path, "version": version}
     atomic_write_json(job.work / WRITTEN_FILE, written)
     print(format_summary(summary), flush=True)

@@ -39,6 +39,15 @@ def test_disagreement_gives_the_average_of_the_ensemble():
     assert decide(0, np.array([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0]]))["label_source"] == "ensemble"
 
 
+def test_intended_weight_softens_toward_the_intended_label_instead_of_overwriting_it():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])  # votes: neutral, sad; intended: happy
+    d = decide(1, probs, intended_weight=1.0)
+    np.testing.assert_allclose(d["label_soft"], [(0.7 + 0.1) / 3, (0.2 + 0.3 + 1) / 3, (0.1 + 0.6) / 3])
+    assert d["label_source"] == "ensemble" and d["label_rectified"] == 1  # two weak members that disagree
+    # members that agree with each other against the intention still win
+    assert decide(1, np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]]), intended_weight=1.0)["label_rectified"] == 0
+
+
 def test_min_confidence_drops_uncertain_records_and_summary_counts():
     records = [{"id": "a", "image": "a.png", "label": 0}, {"id": "b", "image": "b.png", "label": 1},
                {"id": "c", "image": "c.png", "label": 2}, {"id": "d", "image": "d.png", "label": 2}]
