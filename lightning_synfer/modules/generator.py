@@ -131,6 +131,8 @@ class GeneratorModule(L.LightningModule):
         # Trainable map from the frozen text width to the UNet's cross-attention width.
         self.text_proj: nn.Module = nn.Linear(self.text_encoder.dim, cross_dim) \
             if self.text_encoder.dim != cross_dim else nn.Identity()
+        # Before the AU processors go in: freezing the UNet must not freeze their to_k_au / to_v_au.
+        self._set_unet_trainable(g)
         self.au_adapter: Optional[AUAdapter] = None
         if g.au_adapter:
             self.au_adapter = AUAdapter(len(self.au_names), cross_dim, g.num_au_tokens, g.au_hidden, self.au_names)
@@ -138,7 +140,6 @@ class GeneratorModule(L.LightningModule):
                                                              str(g.au_value_init))
         if self.base is not None:
             self._init_from_base()
-        self._set_unet_trainable(g)
         if g.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         # Frozen pretrained parts are not stored in Lightning checkpoints (they are re-read from pretrained_path).

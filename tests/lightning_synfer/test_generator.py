@@ -61,6 +61,7 @@ def test_adapter_only_freezes_the_unet(tiny):
     m = _module(tiny, "generator.train_unet=false")
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("au_adapter.", "text_proj.")) or ".processor." in n for n in trainable)
+    assert any(".processor.to_v_au" in n for n in trainable)  # the adapter's own cross-attention values train
 
 
 def test_no_aus_in_batch_means_the_zero_condition(tiny):

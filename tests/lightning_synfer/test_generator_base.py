@@ -61,7 +61,12 @@ def test_init_from_starts_from_the_base_ema_weights_and_trains_only_the_adapter(
     assert all(torch.equal(got[k], want_unet[k]) for k in got)
     assert all(torch.equal(m.text_proj.state_dict()[k], v) for k, v in want_proj.items())
     trainable = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
-    assert "au_adapter" in trainable and trainable <= {"au_adapter", "text_proj"}  # the UNet stays frozen
+    assert "au_adapter" in trainable and trainable <= {"au_adapter", "text_proj", "unet"}
+    # the UNet's own weights stay frozen; the AU processors installed in it train (to_v_au starts at zero with
+    # au_value_init=zero: frozen, the AU branch would stay a no-op forever)
+    assert all(not p.requires_grad for n, p in m.unet.named_parameters() if "_au" not in n)
+    assert all(p.requires_grad for p in m.au_adapter.processors.parameters())
+    assert {id(p) for p in m.au_adapter.processors.parameters()} <= {id(p) for p in m.trainable_parameters()}
     # The export of the fine-tune is self-contained: it reloads with the base's architecture and patching.
     m.au_adapter.mlp[0].weight.data.add_(1.0)
     again = GeneratorModule.load(m.save_pretrained(tmp_path / "fine"))
