@@ -2,7 +2,7 @@
 
 `pipeline.stages[*].estimate_s` holds what the stage took on the machine named in `pipeline.reference`
 (docs/BENCHMARKS.md), whose `speed_probe` score is `pipeline.reference.probe`. Here the same probe runs once
-(~1 s: fp32 training steps of a small CNN on one thread, what most stages are made of), and every estimate is
+(~1.5 s: fp32 training steps of a small CNN on one thread, what most stages are made of), and every estimate is
 scaled by reference / here. The plan's total replays the scheduler: stages in list order, each once its
 dependencies are done, `parallel` at a time.
 """
@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def speed_probe(seconds: float = 0.8, batch: int = 64) -> float:
+def speed_probe(seconds: float = 1.5, batch: int = 64) -> float:
     """Images per second of fp32 training steps of a small 32 px CNN on one thread (higher is faster)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
