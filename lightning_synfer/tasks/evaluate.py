@@ -92,6 +92,26 @@ def test_records(cfg: DictConfig, model_labels: list[str], normalization: dict):
     return dm, kept, excluded
 
 
+def evaluate_on_test_split(cfg: DictConfig, module: Any) -> dict[str, Any]:
+    """One pass of `module` over data.test in its own preprocessing (evaluate, zeroshot): the module keeps the
+    summary (last_test_summary); returned: the classes left out, the skipped images and the wall time."""
+    from torch.utils.data import DataLoader
+
+    from datamodules.datamodule import FERDataset
+    from datamodules.transforms import eval_transform
+
+    dm, records, excluded = test_records(cfg, module.label_names, module.normalization)
+    norm = module.normalization
+    ds = FERDataset(records, eval_transform(norm["image_size"], norm["mean"], norm["std"]),
+                    mode="L" if norm["channels"] == 1 else "RGB", label_names=module.label_names,
+                    au_names=dm.au_names, on_bad_image=cfg.data.on_bad_image, source="data.test")
+    loader = DataLoader(ds, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    trainer = build_trainer(cfg, None, enable_checkpointing=False, devices=1, num_nodes=1, strategy="auto")
+    with timed() as clock:
+        trainer.test(module, dataloaders=loader, verbose=False)
+    return {"excluded": excluded, "num_skipped": dm.num_skipped + len(ds.bad), "wall_time_s": clock["wall_time_s"]}
+
+
 def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not cfg.ckpt:
         raise ConfigError("evaluate needs ckpt=PATH (a checkpoint written by fit, label or the probes)")
@@ -105,24 +125,11 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     module.tta_hflip = cfg.eval.tta_hflip
     module.tta_crops = cfg.eval.tta_crop_fraction if cfg.eval.tta_crops else None
     run_dir = start_run(cfg, argv)
-    dm, records, excluded = test_records(cfg, module.label_names, module.normalization)
-    from torch.utils.data import DataLoader
-
-    from datamodules.datamodule import FERDataset
-    from datamodules.transforms import eval_transform
-
-    norm = module.normalization
-    ds = FERDataset(records, eval_transform(norm["image_size"], norm["mean"], norm["std"]),
-                    mode="L" if norm["channels"] == 1 else "RGB", label_names=module.label_names,
-                    au_names=dm.au_names, on_bad_image=cfg.data.on_bad_image, source="data.test")
-    loader = DataLoader(ds, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
-    trainer = build_trainer(cfg, None, enable_checkpointing=False, devices=1, num_nodes=1, strategy="auto")
-    with timed() as clock:
-        trainer.test(module, dataloaders=loader, verbose=False)
+    test = evaluate_on_test_split(cfg, module)
     metrics = report(module.last_test_summary, module.label_names, extra={
         "task": "evaluate", "ckpt": str(cfg.ckpt), "test_root": cfg.data.test.root,
-        "test_format": cfg.data.test.format, "excluded_classes": excluded, "tta_hflip": module.tta_hflip,
+        "test_format": cfg.data.test.format, "excluded_classes": test["excluded"], "tta_hflip": module.tta_hflip,
         "tta_crops": module.tta_crops, "ensemble": list(map(str, cfg.eval.ensemble)),
-        "num_skipped": dm.num_skipped + len(ds.bad), "wall_time_s": clock["wall_time_s"], **peak_memory_mb()})
+        "num_skipped": test["num_skipped"], "wall_time_s": test["wall_time_s"], **peak_memory_mb()})
     print(format_table(metrics), flush=True)
     return finish(run_dir, metrics)

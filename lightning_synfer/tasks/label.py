@@ -105,11 +105,9 @@ class EnsembleModule(L.LightningModule):
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from lightning_synfer.pretrained import sha256
+
+    return sha256(Path(path))
 
 
 def _geometry(root: str, header: dict, records: Sequence[dict]) -> tuple[int, int]:

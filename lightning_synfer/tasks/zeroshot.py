@@ -18,9 +18,8 @@ from lightning_synfer.checkpoints import load_module
 from lightning_synfer.config.compose import to_container
 from lightning_synfer.metrics.fer import format_table, report
 from lightning_synfer.prompts import PromptSet
-from lightning_synfer.tasks.common import finish, peak_memory_mb, start_run, timed
-from lightning_synfer.tasks.evaluate import resolve_test_source, test_records
-from lightning_synfer.trainer import build_trainer
+from lightning_synfer.tasks.common import finish, peak_memory_mb, start_run
+from lightning_synfer.tasks.evaluate import resolve_test_source, evaluate_on_test_split
 
 
 def build_module(cfg: DictConfig) -> Any:
@@ -42,28 +41,15 @@ def run(cfg: DictConfig, argv: Optional[list[str]] = None) -> dict[str, Any]:
     cfg = resolve_test_source(cfg, argv)
     module = build_module(cfg)
     run_dir = start_run(cfg, argv)
-    dm, records, excluded = test_records(cfg, module.label_names, module.normalization)
-    from torch.utils.data import DataLoader
-
-    from datamodules.datamodule import FERDataset
-    from datamodules.transforms import eval_transform
-
-    norm = module.normalization
-    ds = FERDataset(records, eval_transform(norm["image_size"], norm["mean"], norm["std"]),
-                    mode="L" if norm["channels"] == 1 else "RGB", label_names=module.label_names,
-                    au_names=dm.au_names, on_bad_image=cfg.data.on_bad_image, source="data.test")
-    loader = DataLoader(ds, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
-    trainer = build_trainer(cfg, None, enable_checkpointing=False, devices=1, num_nodes=1, strategy="auto")
-    with timed() as clock:
-        trainer.test(module, dataloaders=loader, verbose=False)
+    test = evaluate_on_test_split(cfg, module)
     prompts = module.prompts
     metrics = report(module.last_test_summary, module.label_names, extra={
         "task": "zeroshot", "ckpt": str(cfg.ckpt) if cfg.ckpt else None,
         "encoder": cfg.clip.encoder if not cfg.ckpt else module.cfg.clip.encoder,
         "pretrained_path": None if cfg.ckpt else cfg.clip.pretrained_path,
-        "test_root": cfg.data.test.root, "test_format": cfg.data.test.format, "excluded_classes": excluded,
+        "test_root": cfg.data.test.root, "test_format": cfg.data.test.format, "excluded_classes": test["excluded"],
         "prompts_file": module.prompt_set.source, "prompt_ensemble": module.prompt_ensemble,
         "prompts_per_class": {name: len(p) for name, p in prompts.items()},
-        "num_skipped": dm.num_skipped + len(ds.bad), "wall_time_s": clock["wall_time_s"], **peak_memory_mb()})
+        "num_skipped": test["num_skipped"], "wall_time_s": test["wall_time_s"], **peak_memory_mb()})
     print(format_table(metrics), flush=True)
     return finish(run_dir, metrics)
