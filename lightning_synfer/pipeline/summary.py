@@ -14,22 +14,8 @@ from typing import Any, Optional
 
 import json
 
-import yaml
-
 from datamodules.atomic import atomic_write_json
-
-
-def _get(d: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-def _stage_config(record: dict[str, Any]) -> dict[str, Any]:
-    path = Path(record["run_dir"]) / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+from lightning_synfer.pipeline.report import _cfg as _stage_config, _get
 
 
 def _precision(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:

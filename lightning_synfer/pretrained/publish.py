@@ -37,10 +37,10 @@ def judged_sample_accuracy(gen: Any, judge_ckpt: str, per_class: int, steps: int
                            seed: int = 0) -> dict[str, Any]:
     """Share of label-caption samples (no AU input, no semantic guidance) the judge gives their intended class."""
     from datamodules.datamodule import label_caption
-    from lightning_synfer.checkpoints import load_module
+    from lightning_synfer.checkpoints import ImageClassifier, load_module
     from lightning_synfer.sampling.ddim import DDIMSampler, SamplerSettings
 
-    judge = load_module(judge_ckpt, tasks=("supervised",))
+    judge = ImageClassifier(load_module(judge_ckpt, tasks=("supervised",))).eval()  # images in [0, 1] -> logits
     if list(judge.label_names) != list(gen.label_names):
         raise ValueError(f"generator.publish_judge={judge_ckpt}: classes {list(judge.label_names)}; the generator "
                          f"was trained on {list(gen.label_names)}")
@@ -51,9 +51,7 @@ def judged_sample_accuracy(gen: Any, judge_ckpt: str, per_class: int, steps: int
         captions = [label_caption(gen.label_names[int(i)]) for i in chunk]
         images = sampler.sample(captions, None, [seed + done + k for k in range(len(chunk))])
         done += len(chunk)
-        mean = torch.tensor(judge.normalization["mean"]).view(1, -1, 1, 1)
-        std = torch.tensor(judge.normalization["std"]).view(1, -1, 1, 1)
-        pred = judge(((images + 1) / 2 - mean) / std).argmax(1)
+        pred = judge((images + 1) / 2).argmax(1)
         correct += int((pred == chunk).sum())
     return {"judge": str(judge_ckpt), "images": int(len(labels)), "steps": steps, "text_scale": text_scale,
             "accuracy": correct / len(labels)}
