@@ -3,8 +3,8 @@
 `pipeline.stages[*].estimate_s` holds what the stage took on the machine named in `pipeline.reference`
 (docs/BENCHMARKS.md), whose `speed_probe` score is `pipeline.reference.probe`. Here the same probe runs once
 (~1.5 s: fp32 training steps of a small CNN on one thread, what most stages are made of), and every estimate is
-scaled by reference / here. The plan's total replays the scheduler: stages in list order, each once its
-dependencies are done, `parallel` at a time.
+scaled by reference / here. The plan's total replays the scheduler: `parallel` at a time, each free slot taking the first stage in
+list order whose dependencies are done.
 """
 from __future__ import annotations
 
@@ -47,17 +47,26 @@ def speed_probe(seconds: float = 1.5, batch: int = 64) -> float:
 
 def makespan(names: Sequence[str], graph: dict[str, list[str]], seconds: dict[str, float], parallel: int,
              done: Sequence[str] = ()) -> float:
-    """Seconds until every stage not in `done` has run, scheduled as run_graph does (list order, deps first)."""
-    finish: dict[str, float] = {n: 0.0 for n in done}
-    slots = [0.0] * max(1, parallel)
-    for name in names:
-        if name in finish:
-            continue
-        ready = max((finish.get(d, 0.0) for d in graph.get(name, [])), default=0.0)
-        slot = min(range(len(slots)), key=lambda i: slots[i])
-        start = max(slots[slot], ready)
-        finish[name] = slots[slot] = start + seconds.get(name, 0.0)
-    return max(finish.values(), default=0.0)
+    """Seconds until every stage not in `done` has run, scheduled as run_graph does: whenever a slot is free, the
+    first stage in list order whose dependencies have finished starts (a later ready stage fills the gap while an
+    earlier one waits). A dependency that is not a stage here counts as done."""
+    finished: dict[str, float] = {n: 0.0 for n in done}
+    known = set(names)
+    pending = [n for n in names if n not in finished]
+    running: dict[str, float] = {}  # stage -> when it ends
+    now = 0.0
+    while pending or running:
+        for name in list(pending):
+            if len(running) >= max(1, parallel):
+                break
+            if all(d in finished or d not in known for d in graph.get(name, [])):
+                pending.remove(name)
+                running[name] = now + seconds.get(name, 0.0)
+        if not running:  # what is left waits on itself: nothing more can start
+            break
+        name = min(running, key=running.__getitem__)
+        now = finished[name] = running.pop(name)
+    return now
 
 
 def scaled_estimates(estimates: dict[str, Optional[float]], reference_probe: Optional[float],

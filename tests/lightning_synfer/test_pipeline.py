@@ -418,6 +418,9 @@ def test_plan_estimate_replays_the_schedule_and_scales_to_this_machine():
     assert makespan(list(graph), graph, secs, 1) == 20.0
     assert makespan(list(graph), graph, secs, 2) == 16.0  # c waits for a (10 s), d for c
     assert makespan(list(graph), graph, secs, 2, done=["a", "b"]) == 6.0
+    # while c waits for a, the later e takes the free slot (as run_graph starts it): 15 s, not 18 in list order
+    gap = {"a": [], "c": ["a"], "b": [], "e": []}
+    assert makespan(list(gap), gap, {"a": 10.0, "c": 5.0, "b": 4.0, "e": 4.0}, 2) == 15.0
     # a machine twice as fast as the reference halves every estimate; no reference score: as measured
     assert scaled_estimates({"a": 10.0, "b": None}, 200.0, 400.0) == {"a": 5.0}
     assert scaled_estimates({"a": 10.0}, None, 400.0) == {"a": 10.0}
