@@ -65,5 +65,6 @@ def main() -> None:
             if args.model == "resnet18" else "as registered"
         print(f"| {name} | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {max(rates[1:]) / rates[0]:.2f}x |")
 
+
 if __name__ == "__main__":
     main()

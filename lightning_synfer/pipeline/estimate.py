@@ -3,8 +3,8 @@
 `pipeline.stages[*].estimate_s` holds what the stage took on the machine named in `pipeline.reference`
 (docs/BENCHMARKS.md), whose `speed_probe` score is `pipeline.reference.probe`. Here the same probe runs once
 (~1.5 s: fp32 training steps of a small CNN on one thread, what most stages are made of), and every estimate is
-scaled by reference / here. The plan's total replays the scheduler: `parallel` at a time, each free slot taking the first stage in
-list order whose dependencies are done.
+scaled by reference / here. The plan's total replays the scheduler: `parallel` at a time, each free slot
+taking the first stage in list order whose dependencies are done.
 """
 from __future__ import annotations
 
