@@ -54,6 +54,9 @@ class SamplingConfig:
     au_scale_cfg: float = 2.0  # s_au:   ... + s_au (eps_text+au - eps_text); 1 = AUs used without extra push
     clip_sample: bool = True  # clip predicted x0 to [-1, 1] (pixel-space models collapse without it)
     use_ema: bool = True  # sample with the EMA weights when the generator has them
+    # Fraction of the first (noisiest) steps without CFG, the conditional pass alone: guidance in a limited interval
+    # (Kynkaanniemi et al. 2024) keeps the diversity that CFG at high noise removes. 0 = CFG at every step.
+    cfg_start: float = 0.0
 
 
 @dataclass
@@ -171,6 +174,7 @@ def validate_synthesis(cfg: Any) -> None:
     check(0.0 <= s.eta <= 1.0, "sampling.eta", s.eta, "a value in [0, 1]")
     check(s.text_scale >= 0, "sampling.text_scale", s.text_scale, "a guidance scale >= 0 (1 = no CFG)")
     check(s.au_scale_cfg >= 0, "sampling.au_scale_cfg", s.au_scale_cfg, "a guidance scale >= 0 (1 = no AU CFG)")
+    check(0.0 <= s.cfg_start < 1.0, "sampling.cfg_start", s.cfg_start, "a fraction of the steps in [0, 1)")
     g = cfg.guidance
     check(0.0 < g.window <= 1.0, "guidance.window", g.window, "a fraction of the last DDIM steps in (0, 1]")
     check(g.scale >= 0, "guidance.scale", g.scale, "a step length lambda_g >= 0")

@@ -127,6 +127,22 @@ def test_cfg_combination_and_passes(gen):
     torch.testing.assert_close(cond.null_au[0], gen.encode_aus(torch.zeros(1, len(AU_NAMES)))[0])
 
 
+def test_cfg_start_samples_the_noisiest_steps_without_cfg(gen, monkeypatch):
+    aus, seeds = _aus(2), [1, 2]
+    conditional = DDIMSampler(gen, SamplerSettings(steps=4, text_scale=1.0, au_scale=1.0)).sample(CAPS[:2], aus, seeds)
+    cfg = DDIMSampler(gen, SamplerSettings(steps=4, text_scale=3.0, au_scale=2.0)).sample(CAPS[:2], aus, seeds)
+    sizes = []
+    denoise = gen.denoise
+    monkeypatch.setattr(gen, "denoise", lambda x, *a, **k: (sizes.append(x.shape[0]), denoise(x, *a, **k))[1])
+    half = DDIMSampler(gen, SamplerSettings(steps=4, text_scale=3.0, au_scale=2.0, cfg_start=0.5))
+    out = half.sample(CAPS[:2], aus, seeds)
+    assert sizes == [2, 2, 6, 6]  # the conditional pass alone in the first 2 of 4 steps, then the 3 CFG passes
+    assert (out - cfg).abs().max() > 1e-4 and (out - conditional).abs().max() > 1e-4
+    # every step without CFG is the conditional sampler exactly
+    whole = DDIMSampler(gen, SamplerSettings(steps=4, text_scale=3.0, au_scale=2.0, cfg_start=0.9))
+    torch.testing.assert_close(whole.sample(CAPS[:2], aus, seeds), conditional)
+
+
 def test_split_prediction_v_and_eps():
     x0, eps = torch.randn(2, 2, 1, 4, 4).unbind(0)
     a = torch.tensor(0.3)
