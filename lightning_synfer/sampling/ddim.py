@@ -33,7 +33,7 @@ class SamplerSettings:
     def from_config(cls, sampling: Any) -> "SamplerSettings":
         return cls(steps=int(sampling.steps), eta=float(sampling.eta), text_scale=float(sampling.text_scale),
                    au_scale=float(sampling.au_scale_cfg), clip_sample=bool(sampling.clip_sample),
-                   use_ema=bool(sampling.use_ema), cfg_start=float(getattr(sampling, "cfg_start", 0.0)))
+                   use_ema=bool(sampling.use_ema), cfg_start=float(sampling.cfg_start))
 
 
 def make_scheduler(gen: Any, clip_sample: bool) -> DDIMScheduler:
